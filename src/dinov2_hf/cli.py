@@ -1,0 +1,178 @@
+"""The ``dinov2-hf`` command line: ``demo``, ``convert`` and ``export``.
+
+Each subcommand validates its inputs (files exist, formats are known) before loading any weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _add_demo(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="extract DINOv2 features from a real image (a built-in sample or your own file)",
+        description="Feature-extraction demo: load a model (a checkpoint folder, or a randomly initialised "
+        "preset), preprocess an image with the DINOv2 image processor and print what the backbone returns.",
+    )
+    parser.add_argument("--model", help="checkpoint folder (ours or stock transformers); default: random preset")
+    parser.add_argument("--preset", default="vits14", help="architecture when --model is not given (default vits14)")
+    parser.add_argument(
+        "--image", default="china.jpg", help="image file, or a scikit-learn sample image: china.jpg or flower.jpg"
+    )
+    parser.add_argument("--json", dest="json_out", help="also write the summary as JSON to this file")
+    parser.set_defaults(func=run_demo)
+
+
+def _add_convert(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a Meta .pth or a transformers Dinov2 checkpoint into our format",
+        description="Convert a checkpoint into a dinov2_hf folder (safetensors, config, code, image processor).",
+    )
+    parser.add_argument("--from", dest="source", required=True, choices=["meta", "transformers"])
+    parser.add_argument("input", help="Meta .pth file, or transformers checkpoint folder")
+    parser.add_argument("output", help="output folder")
+    parser.add_argument("--head-dim", type=int, default=64, help="Meta only: attention head dimension (default 64)")
+    parser.add_argument(
+        "--interpolation",
+        choices=["transformers", "antialias", "meta"],
+        help="Meta only: position-embedding resize (default: what the released models use)",
+    )
+    parser.set_defaults(func=run_convert)
+
+
+def _add_export(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export our checkpoint in stock transformers format (no custom code needed to load it)",
+        description="Export a dinov2_hf checkpoint folder as a stock transformers dinov2 / dinov2_with_registers "
+        "checkpoint with the DINOv2 image processor.",
+    )
+    parser.add_argument("--to", dest="target", required=True, choices=["transformers"])
+    parser.add_argument("input", help="dinov2_hf checkpoint folder")
+    parser.add_argument("output", help="output folder")
+    parser.set_defaults(func=run_export)
+
+
+def _load_image(name: str):
+    from PIL import Image
+
+    path = Path(name)
+    if path.is_file():
+        from .data import open_rgb
+
+        return open_rgb(path)
+    if name in ("china.jpg", "flower.jpg"):
+        from sklearn.datasets import load_sample_image
+
+        return Image.fromarray(load_sample_image(name))
+    raise FileNotFoundError(f"Image {name!r} is neither a file nor a built-in sample (china.jpg, flower.jpg).")
+
+
+def _load_model(path: str | None, preset: str):
+    from . import Dinov2HFConfig, Dinov2HFModel
+    from .modeling.convert import from_transformers
+
+    if path is None:
+        return Dinov2HFModel(Dinov2HFConfig.from_preset(preset)).eval(), f"random {preset}"
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; pass a checkpoint folder.")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type == "dinov2_hf":
+        return Dinov2HFModel.from_pretrained(folder).eval(), str(folder)
+    return from_transformers(folder), f"{folder} ({model_type})"
+
+
+def run_demo(args: argparse.Namespace) -> dict:
+    import torch
+
+    from .modeling import dinov2_image_processor
+
+    image = _load_image(args.image)
+    model, description = _load_model(args.model, args.preset)
+    processor = dinov2_image_processor()
+    pixel_values = processor(image, return_tensors="pt")["pixel_values"]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        output = model(pixel_values)
+    seconds = time.perf_counter() - start
+    config = model.config
+    grid = pixel_values.shape[-1] // config.patch_size
+    patches = output.last_hidden_state[:, 1 + config.num_register_tokens :]
+    summary = {
+        "model": description,
+        "parameters_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "image": f"{args.image} {image.size[0]}x{image.size[1]}",
+        "pixel_values": list(pixel_values.shape),
+        "cls_embedding": list(output.pooler_output.shape),
+        "patch_features": [1, grid, grid, patches.shape[-1]],
+        "cls_norm": round(output.pooler_output.norm().item(), 4),
+        "forward_seconds": round(seconds, 3),
+    }
+    for key, value in summary.items():
+        print(f"{key:>20}: {value}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    from .modeling.convert import from_meta, from_transformers, save_ours
+
+    source = Path(args.input)
+    if args.source == "meta":
+        if not source.is_file():
+            raise FileNotFoundError(f"Meta checkpoint {source} is not a file.")
+        model = from_meta(source, head_dim=args.head_dim, pos_embed_interpolation=args.interpolation)
+    else:
+        model = from_transformers(source)
+    save_ours(model, args.output)
+    config = model.config
+    print(
+        f"Converted {source} ({args.source}) -> {args.output}: hidden {config.hidden_size}, "
+        f"{config.num_hidden_layers} blocks, {config.num_attention_heads} heads, "
+        f"{'SwiGLU' if config.use_swiglu_ffn else 'MLP'} {config.intermediate_size}, "
+        f"{config.num_register_tokens} registers, interpolation {config.pos_embed_interpolation}"
+    )
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from . import Dinov2HFModel
+    from .modeling.convert import export_transformers
+
+    source = Path(args.input)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{source} has no config.json; pass a dinov2_hf checkpoint folder.")
+    model = Dinov2HFModel.from_pretrained(source)
+    export_transformers(model, args.output)
+    print(f"Exported {source} -> {args.output} ({model.config.num_register_tokens} registers, stock transformers format)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dinov2-hf", description="DINOv2 pretraining on the Hugging Face stack.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_demo(subparsers)
+    _add_convert(subparsers)
+    _add_export(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"dinov2-hf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""The DINOv2 image processor: transformers' BitImageProcessor with DINOv2's settings.
+
+transformers registers DINOv2 with a BitImageProcessor whose defaults are not DINOv2's; the
+released checkpoints use: resize the shortest edge to 256 (bicubic), center crop 224, ImageNet
+mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
+
+
+def dinov2_image_processor(crop_size: int = 224, resize_size: int = 256):
+    """A BitImageProcessor configured for DINOv2 (saved as ``image_processor_type: BitImageProcessor``).
+
+    Uses the PIL backend when torchvision is not installed, so that it works everywhere.
+    """
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        from transformers import BitImageProcessor as processor_class
+    else:
+        from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil as processor_class
+    return processor_class(
+        do_resize=True,
+        size={"shortest_edge": resize_size},
+        resample=BICUBIC,
+        do_center_crop=True,
+        crop_size={"height": crop_size, "width": crop_size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        do_convert_rgb=True,
+    )
