@@ -284,8 +284,10 @@ class Dinov2HFLayer(GradientCheckpointingLayer):
             hidden_states = add_residual_stochastic_depth(hidden_states, groups, self._mlp_branch, self.drop_path_rate)
             return hidden_states, None
         attn_output, attn_weights = self.attention(self.norm1(hidden_states), groups, output_attentions)
-        hidden_states = hidden_states + self.layer_scale1(attn_output)
-        hidden_states = hidden_states + self._mlp_branch(hidden_states, groups)
+        # x + h * lambda in one fused kernel (one memory pass instead of two).
+        hidden_states = torch.addcmul(hidden_states, attn_output, self.layer_scale1.lambda1)
+        mlp_output = self.mlp(self.norm2(hidden_states))
+        hidden_states = torch.addcmul(hidden_states, mlp_output, self.layer_scale2.lambda1)
         return hidden_states, attn_weights
 
 
@@ -399,6 +401,7 @@ class Dinov2HFPreTrainedModel(PreTrainedModel):
         groups = tuple((e.shape[0], e.shape[1]) for e in embedded)
         flat = [e.reshape(-1, e.shape[-1]) for e in embedded]
         hidden_states = flat[0] if len(flat) == 1 else torch.cat(flat)
+        del embedded, flat  # do not hold the embeddings through the whole encoder
         all_hidden = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
         for layer in self.encoder.layer:
