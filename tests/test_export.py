@@ -143,6 +143,7 @@ def test_trust_remote_code_without_package(tiny_kwargs, tmp_path):
     saved = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert saved["model_type"] == "dinov2_hf"
     assert saved["auto_map"]["AutoModel"] == "modeling_dinov2_hf.Dinov2HFModel"
+    assert saved["auto_map"]["AutoBackbone"] == "modeling_dinov2_hf.Dinov2HFBackbone"
     assert (tmp_path / "ours" / "modeling_dinov2_hf.py").is_file()
     x = torch.randn(1, 3, 98, 126)
     torch.save(x, tmp_path / "x.pt")

@@ -43,6 +43,13 @@ from .configuration_dinov2_hf import Dinov2HFConfig
 # (batch size, sequence length) of each resolution group in a packed token tensor.
 TokenGroups = tuple[tuple[int, int], ...]
 
+# Written into every saved config, so that each Auto class finds the code shipped with the checkpoint.
+AUTO_MAP = {
+    "AutoConfig": "configuration_dinov2_hf.Dinov2HFConfig",
+    "AutoModel": "modeling_dinov2_hf.Dinov2HFModel",
+    "AutoBackbone": "modeling_dinov2_hf.Dinov2HFBackbone",
+}
+
 
 @dataclass
 class Dinov2HFModelOutput(BaseModelOutputWithPooling):
@@ -210,10 +217,18 @@ class Dinov2HFMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.activation = ACT2FN[config.hidden_act]
+        self.exact_gelu = config.hidden_act == "gelu"
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation(self.fc1(hidden_states)))
+        hidden_states = self.fc1(hidden_states)
+        if self.exact_gelu and not torch.is_grad_enabled():
+            # Inference: nothing keeps the pre-activation, so GELU in place saves a (tokens, 4 * hidden)
+            # allocation and a memory pass (~6% of the MLP on CPU).
+            hidden_states = torch.ops.aten.gelu_(hidden_states)
+        else:
+            hidden_states = self.activation(hidden_states)
+        return self.fc2(hidden_states)
 
 
 class Dinov2HFSwiGLUFFN(nn.Module):
@@ -251,8 +266,8 @@ def add_residual_stochastic_depth(
         scales.append(torch.full((kept * seq_len, 1), batch_size / kept, device=device))
         start += batch_size * seq_len
     index = torch.cat(token_indices)
-    residual = branch(hidden_states[index], tuple(kept_groups)) * torch.cat(scales).to(hidden_states.dtype)
-    return hidden_states.index_add(0, index, residual.to(hidden_states.dtype))
+    residual = branch(hidden_states[index], tuple(kept_groups)).to(hidden_states.dtype)
+    return hidden_states.index_add(0, index, residual * torch.cat(scales).to(hidden_states.dtype))
 
 
 class Dinov2HFLayer(GradientCheckpointingLayer):
@@ -357,6 +372,11 @@ class Dinov2HFPreTrainedModel(PreTrainedModel):
                 init.normal_(module.register_tokens, std=1e-6)
         elif isinstance(module, Dinov2HFLayerScale):
             init.constant_(module.lambda1, self.config.layerscale_value)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, with an ``auto_map`` naming all our Auto classes."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     # -- shared by the model and the backbone -------------------------------------------------
 
