@@ -1,0 +1,217 @@
+"""Images/s of the DINOv2 multi-crop pipeline: ours vs a straightforward per-crop PIL pipeline.
+
+    python scripts/bench_data.py --out benchmarks/bench_data_cpu.json
+    python scripts/bench_data.py --images cifar --global-size 32 --local-size 16   # CIFAR-scale crops
+
+Both pipelines start from encoded JPEG/PNG bytes and end with normalised float tensors for
+2 global + 8 local crops per image, on the same cores (``--workers`` processes each):
+- baseline: per crop, PIL RandomResizedCrop + flip + ColorJitter (PIL ImageEnhance, HSV hue) +
+  grayscale + PIL Gaussian blur + solarize + to-tensor + normalise, as the official code applies
+  torchvision transforms to PIL images;
+- ours: decode + geometric crops per image (``MultiCropGeometry``), then the photometric part
+  batched (``BatchedPhotometric``) in the same worker processes, or on the GPU with ``--device cuda``;
+- ours, CPU side only: what the workers feed when the photometric part runs on an accelerator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from dinov2_hf.data import open_rgb  # noqa: E402
+from dinov2_hf.data.transforms import BatchedPhotometric, CropSettings, MultiCropGeometry, random_resized_crop_box  # noqa: E402
+from dinov2_hf.modeling.processor import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+
+
+def sample_images(kind: str, count: int) -> list[bytes]:
+    """Encoded images: scikit-learn's two 640x427 JPEGs, or CIFAR-10 PNGs from ../shared/data."""
+    if kind == "jpeg":
+        from sklearn.datasets import load_sample_image
+
+        encoded = []
+        for name in ("china.jpg", "flower.jpg"):
+            buffer = io.BytesIO()
+            Image.fromarray(load_sample_image(name)).save(buffer, format="JPEG", quality=90)
+            encoded.append(buffer.getvalue())
+        return [encoded[i % 2] for i in range(count)]
+    import pyarrow.parquet as pq
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "test-00000-of-00001.parquet"
+    column = pq.read_table(path, columns=["image"]).column("image").to_pylist()
+    return [column[i % len(column)]["bytes"] for i in range(count)]
+
+
+class PILBaseline:
+    """The per-crop PIL pipeline (torchvision semantics, one crop at a time)."""
+
+    def __init__(self, settings: CropSettings, seed: int) -> None:
+        self.settings = settings
+        self.rng = random.Random(seed)
+        self.mean = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+
+    def jitter(self, image: Image.Image) -> Image.Image:
+        ops = [
+            lambda im: ImageEnhance.Brightness(im).enhance(self.rng.uniform(0.6, 1.4)),
+            lambda im: ImageEnhance.Contrast(im).enhance(self.rng.uniform(0.6, 1.4)),
+            lambda im: ImageEnhance.Color(im).enhance(self.rng.uniform(0.8, 1.2)),
+            self.hue,
+        ]
+        self.rng.shuffle(ops)
+        for op in ops:
+            image = op(image)
+        return image
+
+    def hue(self, image: Image.Image) -> Image.Image:
+        h, s, v = image.convert("HSV").split()
+        shift = int(self.rng.uniform(-0.1, 0.1) * 255)
+        h = Image.fromarray((np.asarray(h, dtype=np.uint8) + np.uint8(shift % 256)).astype(np.uint8), "L")
+        return Image.merge("HSV", (h, s, v)).convert("RGB")
+
+    def crop(self, image: Image.Image, size: int, scale, blur_p: float, solarize_p: float) -> torch.Tensor:
+        box = random_resized_crop_box(image.width, image.height, scale, self.rng)
+        crop = image.crop(box).resize((size, size), Image.Resampling.BICUBIC)
+        if self.rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.rng.random() < 0.8:
+            crop = self.jitter(crop)
+        if self.rng.random() < 0.2:
+            crop = crop.convert("L").convert("RGB")
+        if self.rng.random() < blur_p:
+            crop = crop.filter(ImageFilter.GaussianBlur(self.rng.uniform(0.1, 2.0)))
+        if self.rng.random() < solarize_p:
+            crop = ImageOps.solarize(crop, 128)
+        array = np.asarray(crop, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return torch.from_numpy((array - self.mean) / self.std)
+
+    def __call__(self, data: bytes) -> dict:
+        image = open_rgb(data)
+        s = self.settings
+        return {
+            "global_crops": [
+                self.crop(image, s.global_crops_size, s.global_crops_scale, 1.0, 0.0),
+                self.crop(image, s.global_crops_size, s.global_crops_scale, 0.1, 0.2),
+            ],
+            "local_crops": [
+                self.crop(image, s.local_crops_size, s.local_crops_scale, 0.5, 0.0) for _ in range(s.local_crops_number)
+            ],
+        }
+
+
+class OursDataset(torch.utils.data.Dataset):
+    def __init__(self, images: list[bytes], settings: CropSettings, seed: int) -> None:
+        self.images, self.geometry = images, MultiCropGeometry(settings, seed=seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.geometry(open_rgb(self.images[index]))
+
+
+class BaselineDataset(torch.utils.data.Dataset):
+    def __init__(self, images: list[bytes], settings: CropSettings, seed: int) -> None:
+        self.images, self.pipeline = images, PILBaseline(settings, seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.pipeline(self.images[index])
+
+
+def stack_crops(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    n_global, n_local = len(samples[0]["global_crops"]), len(samples[0]["local_crops"])
+    global_crops = torch.stack([s["global_crops"][i] for i in range(n_global) for s in samples])
+    local_crops = torch.stack([s["local_crops"][i] for i in range(n_local) for s in samples])
+    return global_crops, local_crops
+
+
+class PhotometricCollate:
+    """Stacks crops and runs the batched photometric part in the worker (CPU mode)."""
+
+    def __init__(self, photometric: BatchedPhotometric | None) -> None:
+        self.photometric = photometric
+
+    def __call__(self, samples: list[dict]):
+        global_crops, local_crops = stack_crops(samples)
+        if self.photometric is not None:
+            torch.set_num_threads(1)
+            return self.photometric.global_crops(global_crops), self.photometric.local_crops(local_crops)
+        return global_crops, local_crops
+
+
+def run(dataset, collate, batch_size: int, workers: int, device: str, photometric: BatchedPhotometric | None) -> float:
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate, persistent_workers=False, prefetch_factor=2 if workers else None
+    )
+    iterator = iter(loader)
+    next(iterator)  # workers started, first batch out
+    start, count = time.perf_counter(), 0
+    for global_crops, local_crops in iterator:
+        if photometric is not None:  # device mode: the photometric part runs here
+            global_crops = photometric.global_crops(global_crops.to(device, non_blocking=True))
+            local_crops = photometric.local_crops(local_crops.to(device, non_blocking=True))
+        count += global_crops.shape[0] // 2
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", choices=["jpeg", "cifar"], default="jpeg")
+    parser.add_argument("--count", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--global-size", type=int, default=224)
+    parser.add_argument("--local-size", type=int, default=98)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    settings = CropSettings(global_crops_size=args.global_size, local_crops_size=args.local_size)
+    images = sample_images(args.images, args.count + args.batch_size)
+    photometric = BatchedPhotometric()
+    results = {}
+    baseline = run(BaselineDataset(images, settings, 0), stack_crops, args.batch_size, args.workers, "cpu", None)
+    results["baseline_pil_img_per_s"] = round(baseline, 1)
+    if args.device == "cpu":
+        ours = run(OursDataset(images, settings, 0), PhotometricCollate(photometric), args.batch_size, args.workers, "cpu", None)
+    else:
+        ours = run(OursDataset(images, settings, 0), PhotometricCollate(None), args.batch_size, args.workers, "cuda", photometric)
+    results["ours_img_per_s"] = round(ours, 1)
+    results["speedup"] = round(ours / baseline, 2)
+    # What the worker cores feed when the photometric part runs on an accelerator.
+    cpu_side = run(OursDataset(images, settings, 0), PhotometricCollate(None), args.batch_size, args.workers, "cpu", None)
+    results["ours_cpu_side_only_img_per_s"] = round(cpu_side, 1)
+    results["cpu_side_speedup"] = round(cpu_side / baseline, 2)
+    document = {
+        "benchmark": "bench_data",
+        "images": args.images,
+        "crops": f"2x{args.global_size} + 8x{args.local_size}",
+        "workers": args.workers,
+        "device": args.device,
+        "cpu": platform.processor() or platform.machine(),
+        **results,
+    }
+    print(json.dumps(document, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(document, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Collate multi-crop samples into the batch the DINOv2 meta-architecture consumes."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from ..ssl.masking import MaskingGenerator, stratified_masks
+
+
+@dataclass
+class MultiCropCollator:
+    """Stack crops and draw iBOT masks, like the official ``collate_data_and_cast``.
+
+    Crops are stacked crop-major: all images' global crop 1, then all images' crop 2 (the teacher
+    splits them with ``chunk(2)``); likewise for local crops. Masks cover the global crops' patch
+    grid; ``mask_probability`` of them are masked with stratified ratios.
+
+    Returns a dict with ``global_crops`` (2B, 3, H, W), ``local_crops`` (n_local B, 3, h, w),
+    ``masks`` (2B, N) bool, ``mask_indices`` (flat indices of masked patches), ``masks_weight``
+    (1 / masked patches of the patch's image, per masked patch), ``n_masked_patches`` (1,) and
+    ``upperbound`` (an upper bound on masked patches, for fixed-size buffers).
+    """
+
+    global_crops_size: int = 224
+    patch_size: int = 14
+    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
+    mask_probability: float = 0.5
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.global_crops_size % self.patch_size:
+            raise ValueError(
+                f"global_crops_size={self.global_crops_size} is not a multiple of patch_size={self.patch_size}."
+            )
+        grid = self.global_crops_size // self.patch_size
+        self.rng = random.Random(self.seed)
+        self.mask_generator = MaskingGenerator((grid, grid), max_num_patches=int(0.5 * grid * grid), rng=self.rng)
+
+    def __call__(self, samples: list[dict]) -> dict:
+        if not samples:
+            raise ValueError("Cannot collate an empty batch.")
+        n_global, n_local = len(samples[0]["global_crops"]), len(samples[0]["local_crops"])
+        global_crops = torch.stack([s["global_crops"][i] for i in range(n_global) for s in samples])
+        local_crops = (
+            torch.stack([s["local_crops"][i] for i in range(n_local) for s in samples]) if n_local else global_crops[:0]
+        )
+        masks, upperbound = stratified_masks(
+            len(global_crops), self.mask_generator, self.mask_ratio_min_max, self.mask_probability, self.rng
+        )
+        masks = torch.from_numpy(masks)
+        mask_indices = masks.flatten().nonzero().flatten()
+        masks_weight = (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
+        batch = {
+            "global_crops": global_crops,
+            "local_crops": local_crops,
+            "masks": masks,
+            "mask_indices": mask_indices,
+            "masks_weight": masks_weight,
+            "n_masked_patches": torch.tensor([mask_indices.numel()], dtype=torch.long),
+            "upperbound": upperbound,
+        }
+        for key in ("labels", "skipped"):
+            if key in samples[0]:
+                batch[key] = torch.tensor([s[key] for s in samples])
+        return batch

@@ -1,0 +1,269 @@
+"""DINOv2 multi-crop augmentation, split where it is fastest.
+
+1. :class:`MultiCropGeometry` (CPU, in DataLoader workers, per image): 2 global and N local
+   RandomResizedCrops (bicubic, aspect ratio 3/4-4/3) with random horizontal flips, each done as
+   one PIL resize of the crop box, returned as uint8 tensors. Decoding is the caller's
+   (:func:`dinov2_hf.data.open_rgb`).
+2. :class:`BatchedPhotometric` (on the training device, per batch): color jitter (brightness 0.4,
+   contrast 0.4, saturation 0.2, hue 0.1, random order, p=0.8), grayscale (p=0.2), Gaussian blur
+   (kernel 9, sigma 0.1-2), solarize (threshold 128/255, global crop 2 only, p=0.2) and ImageNet
+   normalisation, with independent random parameters per image, vectorised over the batch.
+
+The operations follow torchvision's definitions, which the official code applies per image on PIL
+images. Gaussian blur probabilities: the paper intends 1.0 / 0.1 / 0.5 (global 1 / global 2 /
+local); the official code passes ``1 - p`` to ``RandomApply`` and so applies 0.0 / 0.9 / 0.5.
+``blur="intended"`` (default) or ``blur="official"`` picks one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..modeling.processor import IMAGENET_MEAN, IMAGENET_STD
+
+BLUR_PROBABILITIES = {"intended": (1.0, 0.1, 0.5), "official": (0.0, 0.9, 0.5)}
+
+
+@dataclass
+class CropSettings:
+    """Multi-crop geometry: sizes in pixels, scales as fractions of the image area."""
+
+    global_crops_size: int = 224
+    local_crops_size: int = 98
+    local_crops_number: int = 8
+    global_crops_scale: tuple[float, float] = (0.32, 1.0)
+    local_crops_scale: tuple[float, float] = (0.05, 0.32)
+
+
+def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], rng: random.Random) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (left, top, right, bottom), ratio 3/4-4/3, 10 tries then center."""
+    area = width * height
+    log_ratio = (math.log(3 / 4), math.log(4 / 3))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = rng.randint(0, height - h)
+            left = rng.randint(0, width - w)
+            return left, top, left + w, top + h
+    # Fallback: the largest center crop with the ratio clamped into range.
+    in_ratio = width / height
+    if in_ratio < 3 / 4:
+        w, h = width, int(round(width / (3 / 4)))
+    elif in_ratio > 4 / 3:
+        h, w = height, int(round(height * (4 / 3)))
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+
+class MultiCropGeometry:
+    """Per-image geometric part of the multi-crop: crops + flips, as uint8 (3, S, S) tensors."""
+
+    def __init__(self, settings: CropSettings = CropSettings(), seed: int | None = None) -> None:
+        self.settings = settings
+        self.rng = random.Random(seed)
+
+    def _crop(self, image: Image.Image, size: int, scale: tuple[float, float]) -> torch.Tensor:
+        box = random_resized_crop_box(image.width, image.height, scale, self.rng)
+        crop = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+        if self.rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1)
+
+    def __call__(self, image: Image.Image) -> dict[str, list[torch.Tensor]]:
+        s = self.settings
+        return {
+            "global_crops": [self._crop(image, s.global_crops_size, s.global_crops_scale) for _ in range(2)],
+            "local_crops": [self._crop(image, s.local_crops_size, s.local_crops_scale) for _ in range(s.local_crops_number)],
+        }
+
+
+# -- batched photometric operations (float images in [0, 1], shape (B, 3, H, W)) ------------------
+
+
+def _grayscale(images: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601-2 luma, (B, 1, H, W), as torchvision's rgb_to_grayscale."""
+    r, g, b = images.unbind(dim=1)
+    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def _per_image(values: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, 1, 1, 1)
+
+
+def adjust_brightness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    return (images * _per_image(factors)).clamp_(0, 1)
+
+
+def adjust_contrast(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    mean = _grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
+    f = _per_image(factors)
+    return (f * images + (1 - f) * mean).clamp_(0, 1)
+
+
+def adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    f = _per_image(factors)
+    return (f * images + (1 - f) * _grayscale(images)).clamp_(0, 1)
+
+
+def adjust_hue(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by ``shifts`` (fractions of a turn) in HSV space, as torchvision's adjust_hue.
+
+    RGB -> (H, S, V) as torchvision's _rgb2hsv; back with the closed form
+    ``channel_n = V - V * S * clamp(min(k, 4 - k), 0, 1)``, ``k = (n + 6 H) mod 6``, n = 5, 3, 1 for
+    R, G, B: the same piecewise-linear map as the six-sector table, without materialising it.
+    """
+    r, g, b = images.unbind(dim=1)
+    max_c = torch.maximum(torch.maximum(r, g), b)
+    min_c = torch.minimum(torch.minimum(r, g), b)
+    chroma = max_c - min_c
+    equal = chroma == 0
+    chroma_safe = torch.where(equal, 1.0, chroma)
+    rc, gc, bc = (max_c - r) / chroma_safe, (max_c - g) / chroma_safe, (max_c - b) / chroma_safe
+    is_r = max_c == r
+    is_g = (max_c == g) & ~is_r
+    hue6 = torch.where(is_r, bc - gc, torch.where(is_g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue6 = torch.where(equal, 0.0, hue6)  # grey pixels have hue 0, as torchvision's masks give
+    # hue in turns: torchvision's fmod(h / 6 + 1, 1), shifted and wrapped, then scaled back to [0, 6)
+    hue6 = torch.remainder(torch.fmod(hue6 / 6.0 + 1.0, 1.0) + shifts.view(-1, 1, 1), 1.0) * 6.0
+    value_times_saturation = torch.where(equal, 0.0, chroma)  # V * S = max - min
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(hue6 + n, 6.0)
+        channels.append(max_c - value_times_saturation * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
+    return torch.stack(channels, dim=1).clamp_(0, 1)
+
+
+def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, kernel_size: int = 9) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per image, reflect padding (torchvision's kernel)."""
+    batch, channels, height, width = images.shape
+    half = (kernel_size - 1) * 0.5
+    x = torch.linspace(-half, half, kernel_size, device=images.device, dtype=images.dtype)
+    kernels = torch.exp(-0.5 * (x.view(1, -1) / sigmas.view(-1, 1).to(images.dtype)) ** 2)
+    kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)  # (B*C, k)
+    pad = kernel_size // 2
+    flat = F.pad(images.reshape(1, batch * channels, height, width), (pad, pad, pad, pad), mode="reflect")
+    flat = F.conv2d(flat, kernels.view(-1, 1, 1, kernel_size), groups=batch * channels)
+    flat = F.conv2d(flat, kernels.view(-1, 1, kernel_size, 1), groups=batch * channels)
+    return flat.view(batch, channels, height, width)
+
+
+def solarize(images: torch.Tensor, threshold: float = 128 / 255) -> torch.Tensor:
+    """Invert pixels at or above ``threshold`` (PIL's ImageOps.solarize(image, 128) on uint8 images)."""
+    return torch.where(images >= threshold, 1.0 - images, images)
+
+
+class BatchedPhotometric:
+    """DINOv2's photometric augmentations on uint8 crop batches, on any device.
+
+    Call with the collated ``(2B, 3, H, W)`` global crops (crop 1 of every image, then crop 2) or
+    the ``(n_local * B, 3, h, w)`` local crops; returns normalised float32 tensors.
+    """
+
+    def __init__(
+        self,
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        saturation: float = 0.2,
+        hue: float = 0.1,
+        color_jitter_prob: float = 0.8,
+        grayscale_prob: float = 0.2,
+        solarize_prob: float = 0.2,
+        blur: str = "intended",
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
+        if blur not in BLUR_PROBABILITIES:
+            raise ValueError(f"blur={blur!r}: choose 'intended' (paper: 1.0/0.1/0.5) or 'official' (code: 0.0/0.9/0.5).")
+        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
+        self.color_jitter_prob, self.grayscale_prob, self.solarize_prob = color_jitter_prob, grayscale_prob, solarize_prob
+        self.blur_global1, self.blur_global2, self.blur_local = BLUR_PROBABILITIES[blur]
+        self.mean, self.std = mean, std
+
+    def _uniform(self, n: int, low: float, high: float, device, generator) -> torch.Tensor:
+        return torch.rand(n, device=device, generator=generator) * (high - low) + low
+
+    def color_jitter(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """torchvision ColorJitter on a random subset (p), each image with its own factors and order (in place)."""
+        n, device = images.shape[0], images.device
+        selected = (torch.rand(n, device=device, generator=generator) < self.color_jitter_prob).nonzero().flatten()
+        if selected.numel() == 0:
+            return images
+        k = selected.numel()
+        factors = {
+            0: self._uniform(k, 1 - self.brightness, 1 + self.brightness, device, generator),
+            1: self._uniform(k, 1 - self.contrast, 1 + self.contrast, device, generator),
+            2: self._uniform(k, 1 - self.saturation, 1 + self.saturation, device, generator),
+            3: self._uniform(k, -self.hue, self.hue, device, generator),
+        }
+        operations = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+        # One random order per image (torchvision draws one per call): at each of the 4 steps, every
+        # operation runs once, on the images whose order puts it at that step.
+        orders = torch.argsort(torch.rand(k, 4, device=device, generator=generator), dim=1)
+        jittered = images[selected]
+        for step in range(4):
+            for op, operation in enumerate(operations):
+                members = (orders[:, step] == op).nonzero().flatten()
+                if members.numel():
+                    jittered[members] = operation(jittered[members], factors[op][members])
+        images[selected] = jittered
+        return images
+
+    def random_grayscale(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        chosen = (torch.rand(images.shape[0], device=images.device, generator=generator) < self.grayscale_prob).nonzero().flatten()
+        if chosen.numel():
+            images[chosen] = _grayscale(images[chosen]).expand(-1, 3, -1, -1)
+        return images
+
+    def random_blur(self, images: torch.Tensor, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        if probability <= 0:
+            return images
+        n = images.shape[0]
+        selected = (torch.rand(n, device=images.device, generator=generator) < probability).nonzero().flatten()
+        if selected.numel() == 0:
+            return images
+        sigmas = self._uniform(selected.numel(), 0.1, 2.0, images.device, generator)
+        images[selected] = gaussian_blur(images[selected], sigmas)
+        return images
+
+    def random_solarize(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        chosen = (torch.rand(images.shape[0], device=images.device, generator=generator) < self.solarize_prob).nonzero().flatten()
+        if chosen.numel():
+            images[chosen] = solarize(images[chosen])
+        return images
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        return images.sub_(mean).div_(std)
+
+    def _common(self, crops: torch.Tensor, generator) -> torch.Tensor:
+        # A fresh float copy that the steps below may modify in place.
+        images = crops.float().div_(255) if crops.dtype == torch.uint8 else crops.float().clone()
+        return self.random_grayscale(self.color_jitter(images, generator), generator)
+
+    def global_crops(self, crops: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``crops``: (2B, 3, H, W), first half = global crop 1 of each image, second half = crop 2."""
+        if crops.shape[0] % 2:
+            raise ValueError(f"global crops must hold 2 crops per image (crop 1s then crop 2s), got {crops.shape[0]} rows.")
+        images = self._common(crops, generator)
+        half = images.shape[0] // 2
+        # The steps work in place, here on views of the two halves.
+        self.random_blur(images[:half], self.blur_global1, generator)
+        self.random_solarize(self.random_blur(images[half:], self.blur_global2, generator), generator)
+        return self.normalize(images)
+
+    def local_crops(self, crops: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        images = self._common(crops, generator)
+        return self.normalize(self.random_blur(images, self.blur_local, generator))

@@ -1,0 +1,78 @@
+r"""Teacher targets: softmax centering and Sinkhorn-Knopp.
+
+Both turn teacher logits ``z`` (rows = samples, columns = K prototypes) into target distributions.
+
+Softmax centering (DINO): ``softmax((z - c) / T)`` where the center ``c`` is an EMA (momentum 0.9)
+of the batch-mean teacher logits, averaged over all ranks. As in the official code, the batch
+mean of step t is applied to the center at step t + 1 (its all-reduce can overlap with compute).
+
+Sinkhorn-Knopp (SwAV, used by DINOv2 for ViT-L/g): start from ``Q = exp(z / T)^T`` (K x B),
+normalise it to sum 1, then alternate 3 times: rows sum to 1/K (each prototype gets equal mass,
+sums all-reduced over ranks), columns sum to 1/B (B = samples over all ranks). Finally columns are
+scaled to sum 1, giving one assignment distribution per sample.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distributed import all_reduce_sum, world_size
+
+
+@torch.no_grad()
+def sinkhorn_knopp(
+    teacher_logits: torch.Tensor,
+    teacher_temp: float,
+    n_iterations: int = 3,
+    n_samples_total: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """Sinkhorn-Knopp targets for ``teacher_logits`` (B, K), computed in float32, sums all-reduced.
+
+    ``n_samples_total`` is the number of samples over all ranks (default: B x world size; iBOT
+    passes the all-reduced count of masked patches, which differs per rank).
+    """
+    q = torch.exp(teacher_logits.float() / teacher_temp).t()  # K x B
+    n_prototypes = q.shape[0]
+    if n_samples_total is None:
+        n_samples_total = q.shape[1] * world_size()
+    q /= all_reduce_sum(q.sum())
+    for _ in range(n_iterations):
+        q /= all_reduce_sum(q.sum(dim=1, keepdim=True))
+        q /= n_prototypes
+        q /= q.sum(dim=0, keepdim=True)
+        q /= n_samples_total
+    q *= n_samples_total
+    return q.t()
+
+
+class SoftmaxCenter(nn.Module):
+    """The EMA center of softmax centering, with the official one-step-delayed update."""
+
+    def __init__(self, shape: tuple[int, ...], momentum: float = 0.9) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(*shape))
+        self._pending_sum: torch.Tensor | None = None
+        self._pending_count = 0
+
+    @torch.no_grad()
+    def apply_pending_update(self) -> None:
+        """Fold the batch mean recorded by :meth:`record` into the center (all-reduced over ranks)."""
+        if self._pending_sum is None:
+            return
+        batch_mean = all_reduce_sum(self._pending_sum) / (self._pending_count * world_size())
+        self.center.mul_(self.momentum).add_(batch_mean, alpha=1 - self.momentum)
+        self._pending_sum = None
+
+    @torch.no_grad()
+    def softmax(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        self.apply_pending_update()
+        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def record(self, teacher_logits_sum: torch.Tensor, count: int) -> None:
+        """Remember this batch's logit sum over ``count`` rows; applied at the next :meth:`softmax`."""
+        self._pending_sum = teacher_logits_sum.float()
+        self._pending_count = count

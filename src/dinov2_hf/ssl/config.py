@@ -1,0 +1,79 @@
+"""Configuration of the DINOv2 objective: model, heads, losses, crops, masking, optimisation.
+
+Field names follow the official ``ssl_default_config.yaml`` sections (``dino``, ``ibot``, ``crops``,
+``optim``/``teacher`` merged into ``schedule``) so official settings translate one to one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..data.transforms import CropSettings
+from .schedules import ScheduleConfig
+
+
+@dataclass
+class ModelSettings:
+    """Student architecture: a preset name plus any ``Dinov2HFConfig`` field as an override."""
+
+    preset: str = "vits14"
+    drop_path_rate: float = 0.3
+    layerscale_value: float = 1e-5
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DinoSettings:
+    loss_weight: float = 1.0
+    head_n_prototypes: int = 65536
+    head_bottleneck_dim: int = 256
+    head_hidden_dim: int = 2048
+    head_nlayers: int = 3
+    koleo_loss_weight: float = 0.1
+
+
+@dataclass
+class IbotSettings:
+    loss_weight: float = 1.0
+    mask_sample_probability: float = 0.5
+    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
+    separate_head: bool = False
+    head_n_prototypes: int = 65536
+    head_bottleneck_dim: int = 256
+    head_hidden_dim: int = 2048
+    head_nlayers: int = 3
+
+
+@dataclass
+class CropsSettings(CropSettings):
+    blur: Literal["intended", "official"] = "intended"
+
+
+@dataclass
+class OptimSettings:
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    clip_grad: float = 3.0
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+
+
+@dataclass
+class SSLConfig:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    dino: DinoSettings = field(default_factory=DinoSettings)
+    ibot: IbotSettings = field(default_factory=IbotSettings)
+    crops: CropsSettings = field(default_factory=CropsSettings)
+    centering: Literal["softmax_center", "sinkhorn_knopp"] = "softmax_center"
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+
+    def __post_init__(self) -> None:
+        if self.ibot.loss_weight > 0 and not (0 < self.ibot.mask_sample_probability <= 1):
+            raise ValueError("ibot.mask_sample_probability must be in (0, 1] when the iBOT loss is on.")
+        low, high = self.ibot.mask_ratio_min_max
+        if not 0 <= low <= high <= 1:
+            raise ValueError(f"ibot.mask_ratio_min_max={self.ibot.mask_ratio_min_max} must satisfy 0 <= min <= max <= 1.")

@@ -1,0 +1,230 @@
+"""The DINOv2 meta-architecture: student and EMA teacher in one module, from a batch to the losses.
+
+Data path of one step (``SSLMetaArch.forward``):
+
+    batch (global crops, local crops, iBOT masks)
+      teacher (no grad): backbone(global crops) -> CLS + masked patch tokens -> heads
+                         -> targets by softmax centering or Sinkhorn-Knopp
+      student: backbone.forward_packed([global crops + masks, local crops]) -> one head pass over
+               local CLS, global CLS and masked patch tokens
+      losses: DINO (cross-view CLS), iBOT (masked patches), KoLeo (global CLS)
+
+Student and teacher live in one module so that FSDP2 shards them together and one ``prepare`` call
+covers both; the EMA update (:meth:`update_teacher`) works on local tensors with foreach ops, so it
+is the same code for plain parameters and FSDP2 shards.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from ..modeling import Dinov2HFConfig, Dinov2HFModel
+from .config import SSLConfig
+from .heads import DINOHead
+
+
+def build_student_config(config: SSLConfig) -> Dinov2HFConfig:
+    model = config.model
+    return Dinov2HFConfig.from_preset(
+        model.preset,
+        **{
+            "image_size": config.crops.global_crops_size,
+            "drop_path_rate": model.drop_path_rate,
+            "layerscale_value": model.layerscale_value,
+            **model.overrides,
+        },
+    )
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of an FSDP2 DTensor parameter, or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+class SSLMetaArch(nn.Module):
+    """Student (backbone + heads, trained) and teacher (EMA copy, frozen, eval mode)."""
+
+    def __init__(self, config: SSLConfig, backbone: Dinov2HFModel | None = None) -> None:
+        super().__init__()
+        self.config = config
+        backbone = backbone if backbone is not None else Dinov2HFModel(build_student_config(config))
+        embed_dim = backbone.config.hidden_size
+        dino, ibot = config.dino, config.ibot
+        student = {"backbone": backbone}
+        student["dino_head"] = DINOHead(
+            embed_dim, dino.head_n_prototypes, dino.head_hidden_dim, dino.head_bottleneck_dim, dino.head_nlayers
+        )
+        if ibot.separate_head:
+            student["ibot_head"] = DINOHead(
+                embed_dim, ibot.head_n_prototypes, ibot.head_hidden_dim, ibot.head_bottleneck_dim, ibot.head_nlayers
+            )
+        self.student = nn.ModuleDict(student)
+        self.teacher = copy.deepcopy(self.student)
+        for layer in self.teacher["backbone"].encoder.layer:
+            layer.drop_path_rate = 0.0  # the teacher never drops paths
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+
+        ibot_out_dim = ibot.head_n_prototypes if ibot.separate_head else dino.head_n_prototypes
+        self.dino_loss = DINOLoss(dino.head_n_prototypes, config.student_temp, config.center_momentum)
+        self.ibot_patch_loss = iBOTPatchLoss(ibot_out_dim, config.student_temp, config.center_momentum)
+        self.koleo_loss = KoLeoLoss()
+
+    def train(self, mode: bool = True) -> "SSLMetaArch":
+        super().train(mode)
+        self.teacher.eval()  # always: the teacher has no stochastic layers and no gradients
+        return self
+
+    # -- teacher ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """Teacher targets: DINO (2, B, K) with crops swapped (crop 1 of the student meets crop 2 of
+        the teacher) and iBOT (n_masked, K) for the masked patches."""
+        backbone, registers = self.teacher["backbone"], self.teacher["backbone"].config.num_register_tokens
+        output = backbone(batch["global_crops"])
+        cls = output.pooler_output
+        cls = torch.cat(cls.chunk(2)[::-1])
+        do_ibot = self.config.ibot.loss_weight > 0
+        masked_patches = output.last_hidden_state[:, 1 + registers :].flatten(0, 1)[batch["mask_indices"]] if do_ibot else None
+        if do_ibot and not self.config.ibot.separate_head:
+            logits = self.teacher["dino_head"](torch.cat((cls, masked_patches)))
+            cls_logits, patch_logits = logits[: len(cls)], logits[len(cls) :]
+        else:
+            cls_logits = self.teacher["dino_head"](cls)
+            patch_logits = self.teacher["ibot_head"](masked_patches) if do_ibot else None
+
+        if self.config.centering == "softmax_center":
+            dino_targets = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
+            self.dino_loss.update_center(cls_logits)
+            ibot_targets = None
+            if do_ibot:
+                ibot_targets = self.ibot_patch_loss.softmax_center_teacher(patch_logits.unsqueeze(0), teacher_temp).squeeze(0)
+                self.ibot_patch_loss.update_center(patch_logits)
+        else:
+            dino_targets = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
+            ibot_targets = None
+            if do_ibot:
+                ibot_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(
+                    patch_logits, teacher_temp, batch["n_masked_patches"]
+                )
+        return dino_targets.view(2, -1, dino_targets.shape[-1]), ibot_targets, {"teacher_cls": cls}
+
+    # -- student and losses -----------------------------------------------------------------------
+
+    def forward(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
+        """Total loss (``loss``, for backward) and each weighted component, plus health metrics."""
+        config = self.config
+        n_local = config.crops.local_crops_number if batch["local_crops"].numel() else 0
+        do_ibot = config.ibot.loss_weight > 0
+        dino_targets, ibot_targets, _ = self.teacher_targets(batch, teacher_temp)
+
+        backbone = self.student["backbone"]
+        registers = backbone.config.num_register_tokens
+        crops = [batch["global_crops"]] + ([batch["local_crops"]] if n_local else [])
+        masks = [batch["masks"] if do_ibot else None] + ([None] if n_local else [])
+        outputs = backbone.forward_packed(crops, masks)
+        global_cls = outputs[0].pooler_output
+        local_cls = outputs[1].pooler_output if n_local else global_cls[:0]
+        head_inputs = [local_cls, global_cls]
+        if do_ibot:
+            masked_patches = outputs[0].last_hidden_state[:, 1 + registers :].flatten(0, 1)[batch["mask_indices"]]
+            if not config.ibot.separate_head:
+                head_inputs.append(masked_patches)
+        # One head pass over every token the head sees (local CLS, global CLS, masked patches).
+        logits = self.student["dino_head"](torch.cat(head_inputs))
+        local_logits, global_logits = logits[: len(local_cls)], logits[len(local_cls) : len(local_cls) + len(global_cls)]
+        if do_ibot:
+            patch_logits = (
+                self.student["ibot_head"](masked_patches)
+                if config.ibot.separate_head
+                else logits[len(local_cls) + len(global_cls) :]
+            )
+
+        n_terms = 2 + 2 * n_local  # cross-view pairs: 2 global-global + 2 x n_local local-global
+        losses: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=global_cls.device)
+        if config.dino.loss_weight > 0:
+            if n_local:
+                losses["dino_local_crops_loss"] = self.dino_loss(local_logits.chunk(n_local), list(dino_targets)) / n_terms
+            losses["dino_global_crops_loss"] = self.dino_loss([global_logits], [dino_targets.flatten(0, 1)]) * 2 / n_terms
+            total = total + config.dino.loss_weight * sum(v for k, v in losses.items() if k.startswith("dino"))
+        if config.dino.koleo_loss_weight > 0:
+            # per global crop: never between the two crops of one image
+            koleo = sum(self.koleo_loss(c) for c in global_cls.chunk(2))
+            losses["koleo_loss"] = config.dino.koleo_loss_weight * koleo
+            total = total + losses["koleo_loss"]
+        if do_ibot:
+            ibot = self.ibot_patch_loss.forward_masked(
+                patch_logits,
+                ibot_targets,
+                student_masks_flat=batch["masks"],
+                n_masked_patches=len(batch["mask_indices"]),
+                masks_weight=batch["masks_weight"],
+            )
+            losses["ibot_loss"] = config.ibot.loss_weight * ibot
+            total = total + losses["ibot_loss"]
+        losses["loss"] = total
+        losses.update(self.health_metrics(global_logits, dino_targets, global_cls))
+        return losses
+
+    @torch.no_grad()
+    def health_metrics(self, global_logits: torch.Tensor, dino_targets: torch.Tensor, global_cls: torch.Tensor) -> dict:
+        """Cheap collapse indicators from tensors the step already has.
+
+        - ``teacher_entropy`` / ``student_entropy``: mean entropy of the per-image distributions over
+          the K prototypes, relative to its maximum log K (1 = uniform: the flat collapse);
+        - ``teacher_batch_entropy``: entropy of the batch-averaged teacher distribution, relative to
+          log K (near 0: every image goes to the same prototypes, the one-hot collapse);
+        - ``kl_teacher_student``: KL(teacher || student) on the global crops;
+        - ``cls_std``: std over the batch of the L2-normalised student CLS, averaged over dimensions,
+          times sqrt(D) (about 1 for spread features, 0 for identical ones);
+        - ``collapse``: 1.0 when any indicator is degenerate.
+        """
+        n_prototypes = global_logits.shape[-1]
+        log_k = math.log(n_prototypes)
+        teacher = dino_targets.flatten(0, 1).float()
+        student_log = F.log_softmax(global_logits.float() / self.config.student_temp, dim=-1)
+        teacher_entropy = -(teacher * teacher.clamp_min(1e-12).log()).sum(-1).mean() / log_k
+        student_entropy = -(student_log.exp() * student_log).sum(-1).mean() / log_k
+        mean_teacher = teacher.mean(0)
+        batch_entropy = -(mean_teacher * mean_teacher.clamp_min(1e-12).log()).sum() / log_k
+        kl = (teacher * (teacher.clamp_min(1e-12).log() - student_log)).sum(-1).mean()
+        features = F.normalize(global_cls.float(), dim=-1)
+        cls_std = features.std(dim=0).mean() * math.sqrt(features.shape[-1]) if len(features) > 1 else torch.ones(())
+        collapse = (teacher_entropy > 0.99) | (batch_entropy < 0.05) | (cls_std < 0.05)
+        return {
+            "teacher_entropy": teacher_entropy,
+            "student_entropy": student_entropy,
+            "teacher_batch_entropy": batch_entropy,
+            "kl_teacher_student": kl,
+            "cls_std": cls_std,
+            "collapse": collapse.float(),
+        }
+
+    # -- optimisation helpers -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter (local shards)."""
+        student_params, teacher_params = [], []
+        for name, module in self.student.items():
+            for s, t in zip(module.parameters(), self.teacher[name].parameters()):
+                student_params.append(_local(s.detach()))
+                teacher_params.append(_local(t.detach()))
+        torch._foreach_mul_(teacher_params, momentum)
+        torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
+
+    def clip_gradients(self, max_norm: float) -> dict[str, torch.Tensor]:
+        """Clip each student part (backbone, heads) to ``max_norm`` separately, as the official code;
+        returns the norms before clipping."""
+        return {
+            f"grad_norm_{name}": torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
+            for name, module in self.student.items()
+        }
