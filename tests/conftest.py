@@ -23,3 +23,17 @@ def randomize_(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch
 def tiny_kwargs():
     """A small architecture with the real patch size, so 224/518 inputs keep the real grids."""
     return dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=224, patch_size=14, layerscale_value=0.5)
+
+
+SHARED_CIFAR = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+@pytest.fixture
+def cifar_dir():
+    """The CIFAR-10 parquet shards; a missing copy fails under CI=true and skips elsewhere."""
+    if not (SHARED_CIFAR / "test-00000-of-00001.parquet").is_file():
+        message = f"CIFAR-10 parquet shards not found in {SHARED_CIFAR}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return SHARED_CIFAR

@@ -7,8 +7,10 @@ Field names follow the official ``ssl_default_config.yaml`` sections (``dino``, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
+from ..config_utils import apply_overrides, from_dict, load_yaml
 from ..data.transforms import CropSettings
 from .schedules import ScheduleConfig
 
@@ -60,6 +62,14 @@ class OptimSettings:
 
 
 @dataclass
+class TrainSettings:
+    """The batch the schedules are computed for (the trainer adds data and loop settings)."""
+
+    batch_size_per_device: int = 64
+    seed: int = 0
+
+
+@dataclass
 class SSLConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     dino: DinoSettings = field(default_factory=DinoSettings)
@@ -70,6 +80,7 @@ class SSLConfig:
     center_momentum: float = 0.9
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optim: OptimSettings = field(default_factory=OptimSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
 
     def __post_init__(self) -> None:
         if self.ibot.loss_weight > 0 and not (0 < self.ibot.mask_sample_probability <= 1):
@@ -77,3 +88,24 @@ class SSLConfig:
         low, high = self.ibot.mask_ratio_min_max
         if not 0 <= low <= high <= 1:
             raise ValueError(f"ibot.mask_ratio_min_max={self.ibot.mask_ratio_min_max} must satisfy 0 <= min <= max <= 1.")
+
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None, config_class: type = None):
+    """A config from a recipe shipped in the package (by name) or a YAML file, with ``a.b=value``
+    overrides. Unknown keys or wrong types fail here, before any work, naming the key."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        if str(name_or_path) not in available_recipes():
+            raise FileNotFoundError(
+                f"{name_or_path!r} is neither a YAML file nor a recipe; recipes: {', '.join(available_recipes())}."
+            )
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+    data = apply_overrides(load_yaml(path), overrides or [])
+    return from_dict(config_class or SSLConfig, data)
