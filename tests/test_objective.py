@@ -252,3 +252,52 @@ def test_meta_arch_without_local_crops_and_with_registers():
     assert arch.student["backbone"].config.num_register_tokens == 2
     assert all(layer.drop_path_rate == 0.0 for layer in arch.teacher["backbone"].encoder.layer)
     assert all(layer.drop_path_rate == 0.2 for layer in arch.student["backbone"].encoder.layer)
+
+
+def test_all_loss_terms_match_an_independent_transcription_of_the_official_step():
+    """Every loss term against the official forward_backward, written out with plain formulas
+    (separate student passes per crop size, teacher crops swapped, first step: center = 0)."""
+    torch.manual_seed(0)
+    # LayerScale 1: CLS tokens differ between images, so KoLeo's nearest neighbours are well defined.
+    config = tiny_config(model=ModelSettings(preset="tiny", drop_path_rate=0.0, layerscale_value=1.0))
+    arch = SSLMetaArch(config).train()
+    with torch.no_grad():
+        for p in arch.teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    batch = fake_batch(config, images=3, seed=1)
+    out = arch(batch, teacher_temp=0.05)
+
+    n_local, t_teacher, t_student = config.crops.local_crops_number, 0.05, 0.1
+    masks, indices = batch["masks"], batch["mask_indices"]
+    with torch.no_grad():
+        teacher_out = arch.teacher["backbone"](batch["global_crops"])
+        t_cls = teacher_out.pooler_output
+        t_cls = torch.cat([t_cls.chunk(2)[1], t_cls.chunk(2)[0]])
+        t_patches = teacher_out.last_hidden_state[:, 1:].flatten(0, 1)[indices]
+        t_dino = F.softmax(arch.teacher["dino_head"](t_cls) / t_teacher, dim=-1).chunk(2)
+        t_ibot = F.softmax(arch.teacher["dino_head"](t_patches) / t_teacher, dim=-1)
+    s_global = arch.student["backbone"](batch["global_crops"], bool_masked_pos=masks)
+    s_local = arch.student["backbone"](batch["local_crops"])
+    head = arch.student["dino_head"]
+    s_global_logits = head(s_global.pooler_output).chunk(2)
+    s_local_logits = head(s_local.pooler_output).chunk(n_local)
+    s_patch_logits = head(s_global.last_hidden_state[:, 1:].flatten(0, 1)[indices])
+
+    def ce(s, t):
+        return -(t * F.log_softmax(s / t_student, dim=-1)).sum(-1)
+
+    n_terms = 2 + 2 * n_local
+    local = sum(ce(s, t).mean() for s in s_local_logits for t in t_dino) / n_terms
+    global_ = (ce(s_global_logits[0], t_dino[0]).mean() + ce(s_global_logits[1], t_dino[1]).mean()) / n_terms
+    cls = F.normalize(s_global.pooler_output, dim=-1)
+    koleo = 0.0
+    for crop in cls.chunk(2):
+        d = torch.cdist(crop, crop) + torch.eye(len(crop)) * 10
+        koleo = koleo - torch.log((crop - crop[d.argmin(1)] + 1e-8).norm(dim=-1) + 1e-8).mean()
+    per_patch_weight = (1 / masks.sum(1).clamp(min=1)).repeat_interleave(masks.sum(1))
+    ibot = (ce(s_patch_logits, t_ibot) * per_patch_weight).sum() / len(masks)
+
+    torch.testing.assert_close(out["dino_local_crops_loss"], local, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["dino_global_crops_loss"], global_, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["koleo_loss"], 0.1 * koleo, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["ibot_loss"], ibot, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,155 @@
+"""A short DINOv2 run on CIFAR-10 on one device: loss curve, health metrics and kNN accuracy.
+
+    python scripts/gpu_ssl_check.py --data ../shared/data/cifar10 --steps 1000 --out ssl_check.json
+
+The objective exactly as the trainer will run it (multi-crop geometry in DataLoader workers,
+photometric augmentation batched on the device, packed student pass, EMA teacher, official
+schedules) on the ``cifar10`` recipe, then a weighted kNN (k=20, T=0.07, cosine on the normalised
+CLS) of the teacher backbone on the test split against the same architecture at initialisation.
+This is a check of the science on real data until the trainer (issue 4) exists, not the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from dinov2_hf.data.collate import MultiCropCollator  # noqa: E402
+from dinov2_hf.data.transforms import BatchedPhotometric, MultiCropGeometry  # noqa: E402
+from dinov2_hf.modeling.processor import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from dinov2_hf.ssl import SSLMetaArch, apply_schedules, build_schedules, param_groups  # noqa: E402
+from dinov2_hf.ssl.config import load_recipe  # noqa: E402
+
+
+def read_split(folder: Path, prefix: str) -> tuple[list[bytes], torch.Tensor]:
+    images, labels = [], []
+    for path in sorted(folder.glob(f"{prefix}-*.parquet")):
+        table = pq.read_table(path, columns=["image", "label"])
+        images += [row["bytes"] for row in table.column("image").to_pylist()]
+        labels += table.column("label").to_pylist()
+    if not images:
+        raise FileNotFoundError(f"No {prefix}-*.parquet shards in {folder}")
+    return images, torch.tensor(labels)
+
+
+class CropDataset(torch.utils.data.Dataset):
+    def __init__(self, images: list[bytes], geometry: MultiCropGeometry) -> None:
+        self.images, self.geometry = images, geometry
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.geometry(Image.open(io.BytesIO(self.images[index])).convert("RGB"))
+
+
+@torch.no_grad()
+def embed(backbone, images: list[bytes], device: str, batch_size: int = 1024) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    features = []
+    for start in range(0, len(images), batch_size):
+        arrays = [torch.from_numpy(__import__("numpy").asarray(Image.open(io.BytesIO(b)).convert("RGB")).copy()) for b in images[start : start + batch_size]]
+        x = torch.stack(arrays).permute(0, 3, 1, 2).to(device).float().div(255)
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+            cls = backbone((x - mean) / std).pooler_output
+        features.append(F.normalize(cls.float(), dim=-1))
+    return torch.cat(features)
+
+
+def knn_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07) -> float:
+    """DINO's weighted kNN: votes exp(similarity / T) of the k nearest training features."""
+    correct = 0
+    train_labels = train_labels.to(train.device)
+    for start in range(0, len(test), 1024):
+        similarity = test[start : start + 1024] @ train.t()
+        top, index = similarity.topk(k, dim=1)
+        votes = torch.zeros(len(top), 10, device=train.device)
+        votes.scatter_add_(1, train_labels[index], (top / temperature).exp())
+        correct += (votes.argmax(1).cpu() == test_labels[start : start + 1024]).sum().item()
+    return correct / len(test)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--override", nargs="*", default=[], help="recipe overrides, key=value")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    epoch_length = max(args.steps // 10, 1)
+    config = load_recipe(
+        "cifar10",
+        [f"schedule.epoch_length={epoch_length}", "schedule.epochs=10", "schedule.warmup_epochs=1",
+         "schedule.warmup_teacher_temp_epochs=3", f"train.batch_size_per_device={args.batch_size}", *args.override],
+    )
+    train_images, train_labels = read_split(args.data, "train")
+    test_images, test_labels = read_split(args.data, "test")
+    patch = config.model.overrides.get("patch_size", 14)
+    loader = torch.utils.data.DataLoader(
+        CropDataset(train_images, MultiCropGeometry(config.crops)),
+        batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
+        collate_fn=MultiCropCollator(config.crops.global_crops_size, patch), persistent_workers=args.workers > 0,
+    )
+    device = args.device
+    arch = SSLMetaArch(config).to(device).train()
+    initial_knn = knn_accuracy(embed(arch.teacher["backbone"], train_images, device), train_labels,
+                               embed(arch.teacher["backbone"], test_images, device), test_labels)
+    photometric = BatchedPhotometric(blur=config.crops.blur)
+    optimizer = torch.optim.AdamW(param_groups(arch.student, config.optim.layerwise_decay, config.optim.patch_embed_lr_mult),
+                                  betas=(config.optim.adamw_beta1, config.optim.adamw_beta2))
+    schedules = build_schedules(config.schedule, args.batch_size)
+    history, step, start = [], 0, time.perf_counter()
+    while step < args.steps:
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch["global_crops"] = photometric.global_crops(batch["global_crops"])
+            batch["local_crops"] = photometric.local_crops(batch["local_crops"])
+            values = schedules.at(step)
+            apply_schedules(optimizer, values["lr"], values["weight_decay"], values["last_layer_lr"])
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+                out = arch(batch, teacher_temp=values["teacher_temp"])
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            arch.clip_gradients(config.optim.clip_grad)
+            optimizer.step()
+            arch.update_teacher(values["momentum"])
+            if step % max(args.steps // 20, 1) == 0 or step == args.steps - 1:
+                record = {"step": step, **{k: round(v.item(), 4) for k, v in out.items()}}
+                history.append(record)
+                print(json.dumps(record), flush=True)
+            step += 1
+            if step >= args.steps:
+                break
+    seconds = time.perf_counter() - start
+    final_knn = knn_accuracy(embed(arch.teacher["backbone"], train_images, device), train_labels,
+                             embed(arch.teacher["backbone"], test_images, device), test_labels)
+    report = {
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "steps": args.steps, "batch_size": args.batch_size, "train_images": len(train_images),
+        "seconds": round(seconds, 1), "img_per_s": round(args.steps * args.batch_size / seconds, 1),
+        "knn_top1_init": initial_knn, "knn_top1_final": final_knn, "history": history,
+    }
+    print(json.dumps({k: v for k, v in report.items() if k != "history"}))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
