@@ -1,0 +1,150 @@
+"""Streaming image sources through `datasets`: parquet shards, image folders, webdataset tars, Hub ids.
+
+``load_image_stream`` returns a ``datasets.IterableDataset`` (``streaming=True``) whose image column
+is left undecoded, shuffled with a buffer and split across ranks with ``split_dataset_by_node``.
+``MultiCropStream`` turns it into multi-crop samples inside DataLoader workers, decoding each image
+with :func:`open_rgb`: undecodable, truncated or empty images are skipped and counted (the counts
+travel in the samples' ``skipped`` field and add up to the exact total), never a crash.
+"""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from datasets import Image as ImageFeature
+from datasets import IterableDataset, load_dataset
+from datasets.distributed import split_dataset_by_node
+
+from .decode import ImageDecodeError, open_rgb
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class DataSettings:
+    """Where the images come from and how they are read."""
+
+    source: str = ""
+    format: Literal["auto", "parquet", "imagefolder", "webdataset", "hub"] = "auto"
+    split: str = "train"
+    image_column: str = "image"
+    label_column: str | None = None
+    shuffle_buffer: int = 10_000
+
+
+def _files(source: str, suffixes: tuple[str, ...]) -> list[str]:
+    path = Path(source)
+    if path.is_dir():
+        candidates = [str(p) for p in path.rglob("*")]
+    elif any(ch in source for ch in "*?["):
+        candidates = glob.glob(source)
+    else:
+        candidates = [source] if path.is_file() else []
+    return sorted(c for c in candidates if Path(c).suffix in suffixes)
+
+
+def resolve_source(settings: DataSettings) -> tuple[str, dict]:
+    """The `datasets` builder and its arguments for ``settings.source``; fails early and clearly."""
+    source, fmt = settings.source, settings.format
+    if not source:
+        raise ValueError("data.source is empty: give a folder of images, parquet/tar files (or a glob), or a Hub dataset id.")
+    path = Path(source)
+    if fmt == "auto":
+        if _files(source, (".parquet",)):
+            fmt = "parquet"
+        elif _files(source, (".tar",)):
+            fmt = "webdataset"
+        elif path.is_dir():
+            fmt = "imagefolder"
+        elif path.exists() or any(ch in source for ch in "*?[") or source.startswith((".", "/")):
+            raise FileNotFoundError(f"data.source={source!r}: no parquet shards, tar shards or images found there.")
+        else:
+            fmt = "hub"
+    if fmt == "parquet":
+        files = _files(source, (".parquet",))
+        if not files:
+            raise FileNotFoundError(f"data.source={source!r}: no .parquet files found.")
+        return "parquet", {"data_files": {settings.split: files}}
+    if fmt == "webdataset":
+        files = _files(source, (".tar",))
+        if not files:
+            raise FileNotFoundError(f"data.source={source!r}: no .tar shards found.")
+        return "webdataset", {"data_files": {settings.split: files}}
+    if fmt == "imagefolder":
+        if not path.is_dir():
+            raise FileNotFoundError(f"data.source={source!r} is not a folder of images.")
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
+            raise FileNotFoundError(f"data.source={source!r}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+        return "imagefolder", {"data_dir": source}
+    return source, {}
+
+
+def load_image_stream(settings: DataSettings, rank: int = 0, world_size: int = 1, seed: int = 0) -> IterableDataset:
+    """A shuffled, rank-split streaming dataset with the image column undecoded (bytes or path)."""
+    builder, kwargs = resolve_source(settings)
+    stream = load_dataset(builder, split=settings.split, streaming=True, **kwargs)
+    columns = stream.column_names or list((stream.features or {}).keys())
+    if columns and settings.image_column not in columns:
+        raise ValueError(
+            f"data.image_column={settings.image_column!r} is not a column of {settings.source!r}; columns: {columns}."
+        )
+    if settings.label_column and columns and settings.label_column not in columns:
+        raise ValueError(f"data.label_column={settings.label_column!r} is not a column; columns: {columns}.")
+    if stream.features is not None and isinstance(stream.features.get(settings.image_column), ImageFeature):
+        stream = stream.cast_column(settings.image_column, ImageFeature(decode=False))
+    if settings.shuffle_buffer > 1:
+        stream = stream.shuffle(seed=seed, buffer_size=settings.shuffle_buffer)
+    if world_size > 1:
+        stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+    return stream
+
+
+def _image_source(value):
+    """bytes, a path, or a PIL image, from whatever the image column holds."""
+    if isinstance(value, dict):
+        return value.get("bytes") or value.get("path") or b""
+    return value
+
+
+class MultiCropStream(torch.utils.data.IterableDataset):
+    """Decode + multi-crop geometry over a streaming dataset, skipping and counting bad images."""
+
+    def __init__(self, stream: IterableDataset, transform, image_column: str = "image", label_column: str | None = None) -> None:
+        super().__init__()
+        self.stream, self.transform = stream, transform
+        self.image_column, self.label_column = image_column, label_column
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle the stream (shards and buffer) for a new epoch."""
+        self.stream.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+    def __iter__(self):
+        # Each yielded sample carries the bad images met since the previous one; a sample is held
+        # back until the next good image (or the end) so that trailing bad images are counted too.
+        pending, skipped = None, 0
+        for example in self.stream:
+            try:
+                image = open_rgb(_image_source(example[self.image_column]))
+            except ImageDecodeError:
+                skipped += 1
+                continue
+            if pending is not None:
+                pending["skipped"] = skipped
+                skipped = 0
+                yield pending
+            pending = self.transform(image)
+            if self.label_column is not None:
+                pending["labels"] = example[self.label_column]
+        if pending is not None:
+            pending["skipped"] = skipped
+            yield pending
