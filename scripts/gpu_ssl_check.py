@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dinov2_hf.data.collate import MultiCropCollator  # noqa: E402
 from dinov2_hf.data.transforms import BatchedPhotometric, MultiCropGeometry  # noqa: E402
 from dinov2_hf.modeling.processor import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from dinov2_hf.ssl import SSLMetaArch, apply_schedules, build_schedules, param_groups  # noqa: E402
+from dinov2_hf.ssl import SSLMetaArch, build_schedules, param_groups  # noqa: E402
 from dinov2_hf.ssl.config import load_recipe  # noqa: E402
+from dinov2_hf.ssl.step import augment_batch, training_step  # noqa: E402
 
 
 def read_split(folder: Path, prefix: str) -> tuple[list[bytes], torch.Tensor]:
@@ -118,20 +119,11 @@ def main() -> None:
     history, step, start = [], 0, time.perf_counter()
     while step < args.steps:
         for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            batch["global_crops"] = photometric.global_crops(batch["global_crops"])
-            batch["local_crops"] = photometric.local_crops(batch["local_crops"])
-            values = schedules.at(step)
-            apply_schedules(optimizer, values["lr"], values["weight_decay"], values["last_layer_lr"])
-            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-                out = arch(batch, teacher_temp=values["teacher_temp"])
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            arch.clip_gradients(config.optim.clip_grad)
-            optimizer.step()
-            arch.update_teacher(values["momentum"])
+            batch = augment_batch(batch, photometric, device)
+            dtype = torch.bfloat16 if device.startswith("cuda") else None
+            out = training_step(arch, optimizer, batch, schedules, step, config.optim.clip_grad, autocast_dtype=dtype)
             if step % max(args.steps // 20, 1) == 0 or step == args.steps - 1:
-                record = {"step": step, **{k: round(v.item(), 4) for k, v in out.items()}}
+                record = {"step": step, **{k: round(v, 4) for k, v in out.items()}}
                 history.append(record)
                 print(json.dumps(record), flush=True)
             step += 1

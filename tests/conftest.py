@@ -25,7 +25,10 @@ def tiny_kwargs():
     return dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=224, patch_size=14, layerscale_value=0.5)
 
 
-SHARED_CIFAR = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+# ../shared/data/cifar10 beside the checkout, or DINOV2_HF_CIFAR10 to point elsewhere.
+SHARED_CIFAR = __import__("pathlib").Path(
+    os.environ.get("DINOV2_HF_CIFAR10", __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10")
+)
 
 
 @pytest.fixture

@@ -8,8 +8,9 @@ from datasets import load_dataset
 
 from dinov2_hf.data.collate import MultiCropCollator
 from dinov2_hf.data.transforms import BatchedPhotometric, MultiCropGeometry
-from dinov2_hf.ssl import SSLMetaArch, apply_schedules, build_schedules, param_groups
+from dinov2_hf.ssl import SSLMetaArch, build_schedules, param_groups
 from dinov2_hf.ssl.config import load_recipe
+from dinov2_hf.ssl.step import augment_batch, training_step
 
 OVERRIDES = [
     "model.overrides.hidden_size=96",
@@ -48,17 +49,8 @@ def test_short_cifar_run_loss_goes_down(cifar_dir):
     total_steps = config.schedule.epochs * config.schedule.epoch_length
     for step in range(total_steps):
         batch = collate([geometry(image) for image in itertools.islice(images, batch_size)])
-        batch["global_crops"] = photometric.global_crops(batch["global_crops"])
-        batch["local_crops"] = photometric.local_crops(batch["local_crops"])
-        values = schedules.at(step)
-        apply_schedules(optimizer, values["lr"], values["weight_decay"], values["last_layer_lr"])
-        out = arch(batch, teacher_temp=values["teacher_temp"])
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        arch.clip_gradients(config.optim.clip_grad)
-        optimizer.step()
-        arch.update_teacher(values["momentum"])
-        history.append({k: v.item() for k, v in out.items()})
+        batch = augment_batch(batch, photometric, "cpu")
+        history.append(training_step(arch, optimizer, batch, schedules, step, config.optim.clip_grad))
     losses = [h["loss"] for h in history]
     assert all(math.isfinite(v) for v in losses)
     first, last = losses[0], sum(losses[-5:]) / 5

@@ -124,6 +124,22 @@ def ours_to_transformers_state_dict(state_dict: Mapping[str, torch.Tensor]) -> S
 
 # -- configs --------------------------------------------------------------------------------------
 
+# Fields with the same name and meaning in our config and transformers' Dinov2 configs.
+SHARED_CONFIG_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "mlp_ratio",
+    "use_swiglu_ffn",
+    "hidden_act",
+    "layer_norm_eps",
+    "layerscale_value",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "qkv_bias",
+)
+
 
 def config_from_transformers(config) -> Dinov2HFConfig:
     """Our config for a transformers ``Dinov2Config`` or ``Dinov2WithRegistersConfig``."""
@@ -131,18 +147,7 @@ def config_from_transformers(config) -> Dinov2HFConfig:
     if config.model_type not in ("dinov2", "dinov2_with_registers"):
         raise ValueError(f"Expected a dinov2 or dinov2_with_registers config, got model_type={config.model_type!r}.")
     return Dinov2HFConfig(
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        mlp_ratio=config.mlp_ratio,
-        use_swiglu_ffn=config.use_swiglu_ffn,
-        hidden_act=config.hidden_act,
-        layer_norm_eps=config.layer_norm_eps,
-        layerscale_value=config.layerscale_value,
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        num_channels=config.num_channels,
-        qkv_bias=config.qkv_bias,
+        **{name: getattr(config, name) for name in SHARED_CONFIG_FIELDS},
         num_register_tokens=getattr(config, "num_register_tokens", 0) if with_registers else 0,
         # Each stock class hard-codes its resize: exact grid, antialiased for the registers class.
         pos_embed_interpolation="antialias" if with_registers else "transformers",
@@ -171,20 +176,8 @@ def config_to_transformers(config: Dinov2HFConfig):
             config.interpolate_offset,
             config.image_size,
         )
-    common = dict(
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        mlp_ratio=mlp_ratio,
-        use_swiglu_ffn=config.use_swiglu_ffn,
-        hidden_act=config.hidden_act,
-        layer_norm_eps=config.layer_norm_eps,
-        layerscale_value=config.layerscale_value,
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        num_channels=config.num_channels,
-        qkv_bias=config.qkv_bias,
-    )
+    common = {name: getattr(config, name) for name in SHARED_CONFIG_FIELDS}
+    common["mlp_ratio"] = mlp_ratio  # transformers' strict config wants an int where it can be one
     if config.num_register_tokens > 0 or config.pos_embed_interpolation == "antialias":
         return Dinov2WithRegistersConfig(num_register_tokens=config.num_register_tokens, **common)
     return Dinov2Config(**common)

@@ -380,6 +380,15 @@ class Dinov2HFPreTrainedModel(PreTrainedModel):
 
     # -- shared by the model and the backbone -------------------------------------------------
 
+    def _output_flags(self, output_hidden_states, output_attentions, return_dict) -> tuple[bool, bool, bool]:
+        """Call arguments, or the config's defaults where they are None."""
+        pick = lambda value, default: bool(default if value is None else value)  # noqa: E731
+        return (
+            pick(output_hidden_states, self.config.output_hidden_states),
+            pick(output_attentions, self.config.output_attentions),
+            pick(return_dict, self.config.return_dict),
+        )
+
     def _check_inputs(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None) -> torch.Tensor | None:
         """Validate one batch before any compute; returns the mask as (batch, patches) bool."""
         config = self.config
@@ -479,10 +488,8 @@ class Dinov2HFModel(Dinov2HFPreTrainedModel):
             output_hidden_states: also return the embeddings and every block's output.
             output_attentions: also return attention probabilities (computed with eager attention).
         """
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        encoding = self._encode([pixel_values], [bool_masked_pos], bool(output_hidden_states), bool(output_attentions))
+        output_hidden_states, output_attentions, return_dict = self._output_flags(output_hidden_states, output_attentions, return_dict)
+        encoding = self._encode([pixel_values], [bool_masked_pos], output_hidden_states, output_attentions)
         return self._outputs(encoding, return_dict)[0]
 
     def forward_packed(
@@ -564,10 +571,8 @@ class Dinov2HFBackbone(BackboneMixin, Dinov2HFPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BackboneOutput | tuple:
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        encoding = self._encode([pixel_values], [None], output_hidden_states=True, output_attentions=bool(output_attentions))
+        output_hidden_states, output_attentions, return_dict = self._output_flags(output_hidden_states, output_attentions, return_dict)
+        encoding = self._encode([pixel_values], [None], output_hidden_states=True, output_attentions=output_attentions)
         batch_size, _, height, width = pixel_values.shape
         hidden_states = tuple(h.view(batch_size, -1, h.shape[-1]) for h in encoding.hidden_states)
         grid = (height // self.config.patch_size, width // self.config.patch_size)

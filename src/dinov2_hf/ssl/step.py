@@ -1,0 +1,44 @@
+"""One DINOv2 iteration on a single process: the reference loop body the trainer builds on."""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.transforms import BatchedPhotometric
+from .meta_arch import SSLMetaArch
+from .param_groups import apply_schedules
+from .schedules import Schedules
+
+
+def augment_batch(batch: dict, photometric: BatchedPhotometric, device: torch.device | str) -> dict:
+    """Move a collated batch to ``device`` and run the photometric augmentations there."""
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch["global_crops"] = photometric.global_crops(batch["global_crops"])
+    batch["local_crops"] = photometric.local_crops(batch["local_crops"])
+    return batch
+
+
+def training_step(
+    arch: SSLMetaArch,
+    optimizer: torch.optim.Optimizer,
+    batch: dict,
+    schedules: Schedules,
+    iteration: int,
+    clip_grad: float,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Schedules -> forward -> backward -> per-module clipping -> optimizer step -> EMA teacher.
+
+    Returns the losses, health metrics, gradient norms and schedule values as floats.
+    """
+    values = schedules.at(iteration)
+    apply_schedules(optimizer, values["lr"], values["weight_decay"], values["last_layer_lr"])
+    device_type = batch["global_crops"].device.type
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        out = arch(batch, teacher_temp=values["teacher_temp"])
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    grad_norms = arch.clip_gradients(clip_grad)
+    optimizer.step()
+    arch.update_teacher(values["momentum"])
+    return {**{k: v.item() for k, v in {**out, **grad_norms}.items()}, **values}
