@@ -1,0 +1,84 @@
+"""Atomic, resumable checkpoint folders: ``<root>/checkpoint-<step>``.
+
+A checkpoint is written into a temporary sibling folder, marked complete, then renamed into place
+(``os.replace`` is atomic on one filesystem). A crash mid-write leaves only a ``.tmp-`` folder that
+is ignored and cleaned up later, never a half checkpoint under the final name; the previous
+checkpoints are untouched until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+COMPLETE_MARKER = "COMPLETE"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+@contextlib.contextmanager
+def atomic_checkpoint(root: str | Path, step: int) -> Iterator[Path]:
+    """Yield a temporary folder to write checkpoint ``step`` into; on success it becomes
+    ``root/checkpoint-<step>`` (replacing an older one of the same step), on error it is removed."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{step}"
+    temporary = root / f".tmp-checkpoint-{step}-{uuid.uuid4().hex[:8]}"
+    temporary.mkdir()
+    try:
+        yield temporary
+        (temporary / COMPLETE_MARKER).write_text(str(step))
+        if final.exists():
+            backup = root / f".old-checkpoint-{step}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, backup)
+            os.replace(temporary, final)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(temporary, final)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match and path.is_dir() and (path / COMPLETE_MARKER).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint (what ``--resume auto`` continues from), or None."""
+    checkpoints = list_checkpoints(root)
+    return checkpoints[-1] if checkpoints else None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    if not match:
+        raise ValueError(f"{path} is not a checkpoint-<step> folder.")
+    return int(match.group(1))
+
+
+def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints and any leftover temporary
+    folders of interrupted writes; returns what was removed."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1, got {keep_last}.")
+    root = Path(root)
+    removed = list_checkpoints(root)[:-keep_last]
+    if root.is_dir():
+        removed += [p for p in root.iterdir() if p.name.startswith((".tmp-checkpoint-", ".old-checkpoint-"))]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
