@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dinov2_hf.data.collate import MultiCropCollator  # noqa: E402
 from dinov2_hf.data.transforms import BatchedPhotometric, MultiCropGeometry  # noqa: E402
+from dinov2_hf.eval import knn_classify  # noqa: E402
 from dinov2_hf.modeling.processor import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from dinov2_hf.ssl import SSLMetaArch, build_schedules, param_groups  # noqa: E402
 from dinov2_hf.ssl.config import load_recipe  # noqa: E402
@@ -69,17 +70,8 @@ def embed(backbone, images: list[bytes], device: str, batch_size: int = 1024) ->
     return torch.cat(features)
 
 
-def knn_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07) -> float:
-    """DINO's weighted kNN: votes exp(similarity / T) of the k nearest training features."""
-    correct = 0
-    train_labels = train_labels.to(train.device)
-    for start in range(0, len(test), 1024):
-        similarity = test[start : start + 1024] @ train.t()
-        top, index = similarity.topk(k, dim=1)
-        votes = torch.zeros(len(top), 10, device=train.device)
-        votes.scatter_add_(1, train_labels[index], (top / temperature).exp())
-        correct += (votes.argmax(1).cpu() == test_labels[start : start + 1024]).sum().item()
-    return correct / len(test)
+def knn_accuracy(train, train_labels, test, test_labels) -> float:
+    return knn_classify(train, train_labels, test, test_labels, ks=(20,), num_classes=10)[20]
 
 
 def main() -> None:
