@@ -84,7 +84,7 @@ class SSLMetaArch(nn.Module):
     # -- teacher ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    def teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher targets: DINO (2, B, K) with crops swapped (crop 1 of the student meets crop 2 of
         the teacher) and iBOT (n_masked, K) for the masked patches."""
         backbone, registers = self.teacher["backbone"], self.teacher["backbone"].config.num_register_tokens
@@ -114,16 +114,17 @@ class SSLMetaArch(nn.Module):
                 ibot_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(
                     patch_logits, teacher_temp, batch["n_masked_patches"]
                 )
-        return dino_targets.view(2, -1, dino_targets.shape[-1]), ibot_targets, {"teacher_cls": cls}
+        return dino_targets.view(2, -1, dino_targets.shape[-1]), ibot_targets
 
     # -- student and losses -----------------------------------------------------------------------
 
     def forward(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
         """Total loss (``loss``, for backward) and each weighted component, plus health metrics."""
         config = self.config
-        n_local = config.crops.local_crops_number if batch["local_crops"].numel() else 0
+        n_images = batch["global_crops"].shape[0] // 2
+        n_local = batch["local_crops"].shape[0] // n_images  # crops are stacked crop-major
         do_ibot = config.ibot.loss_weight > 0
-        dino_targets, ibot_targets, _ = self.teacher_targets(batch, teacher_temp)
+        dino_targets, ibot_targets = self.teacher_targets(batch, teacher_temp)
 
         backbone = self.student["backbone"]
         registers = backbone.config.num_register_tokens
