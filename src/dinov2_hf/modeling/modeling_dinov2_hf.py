@@ -373,6 +373,9 @@ class Dinov2HFPreTrainedModel(PreTrainedModel):
         elif isinstance(module, Dinov2HFLayerScale):
             init.constant_(module.lambda1, self.config.layerscale_value)
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``PreTrainedModel.save_pretrained``, with an ``auto_map`` naming all our Auto classes."""
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
@@ -451,9 +454,6 @@ class Dinov2HFModel(Dinov2HFPreTrainedModel):
         self.encoder = Dinov2HFEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.patch_embeddings
 
     def _outputs(self, encoding: PackedEncoding, return_dict: bool) -> list[Dinov2HFModelOutput | tuple]:
         prenorm, normed = encoding.split(encoding.prenorm), encoding.split(encoding.normed)
@@ -559,9 +559,6 @@ class Dinov2HFBackbone(BackboneMixin, Dinov2HFPreTrainedModel):
         self.encoder = Dinov2HFEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.patch_embeddings
 
     def forward(
         self,
