@@ -1,4 +1,4 @@
-"""The ``dinov2-hf`` command line: ``demo``, ``convert`` and ``export``.
+"""The ``dinov2-hf`` command line: ``demo``, ``train``, ``convert`` and ``export``.
 
 Each subcommand validates its inputs (files exist, formats are known) before loading any weights.
 """
@@ -57,6 +57,33 @@ def _add_export(subparsers) -> None:
     parser.add_argument("input", help="dinov2_hf checkpoint folder")
     parser.add_argument("output", help="output folder")
     parser.set_defaults(func=run_export)
+
+
+def _add_train(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="DINOv2 pretraining (also: accelerate launch train.py ...)",
+        description="Train with a recipe shipped in the package (cifar10, vits14_single_gpu, vitl16_short, vitl14, "
+        "vitg14) or a YAML file, plus key=value overrides, e.g. data.source=images/ train.output_dir=runs/a.",
+    )
+    parser.add_argument("--config", required=True, help="recipe name or YAML file")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parser.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from .training.config import load_train_config
+    from .training.trainer import Trainer
+
+    config = load_train_config(args.config, args.overrides)  # fails on unknown keys before any work
+    trainer = Trainer(config)
+    history = trainer.train()
+    if trainer.accelerator.is_main_process and history:
+        last = history[-1]
+        print(
+            f"step {last['step'] + 1}: loss {last['loss']:.4f}, skipped images {last['skipped_images']}; "
+            f"exported to {trainer.output_dir / 'export'}"
+        )
 
 
 def _load_image(name: str):
@@ -159,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinov2-hf", description="DINOv2 pretraining on the Hugging Face stack.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo(subparsers)
+    _add_train(subparsers)
     _add_convert(subparsers)
     _add_export(subparsers)
     return parser
@@ -168,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"dinov2-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

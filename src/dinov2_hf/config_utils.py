@@ -53,6 +53,9 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         return dict(value)
     if origin is typing.Literal:
+        # YAML 1.1 reads unquoted no/yes/off/on as booleans: map them back when the choice is a word.
+        if isinstance(value, bool):
+            value = next((word for word in args if str(word).lower() in (("yes", "on", "true") if value else ("no", "off", "false"))), value)
         if value not in args:
             raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
         return value

@@ -40,6 +40,13 @@ class MultiCropCollator:
         self.mask_generator = MaskingGenerator((grid, grid), max_num_patches=int(0.5 * grid * grid), rng=self.rng)
 
     def __call__(self, samples: list[dict]) -> dict:
+        batch = self.stack(samples)
+        batch.update(self.masks(len(batch["global_crops"])))
+        return batch
+
+    @staticmethod
+    def stack(samples: list[dict]) -> dict:
+        """Crops (crop-major), labels and skipped-image counts; no masks."""
         if not samples:
             raise ValueError("Cannot collate an empty batch.")
         n_global, n_local = len(samples[0]["global_crops"]), len(samples[0]["local_crops"])
@@ -47,22 +54,25 @@ class MultiCropCollator:
         local_crops = (
             torch.stack([s["local_crops"][i] for i in range(n_local) for s in samples]) if n_local else global_crops[:0]
         )
-        masks, upperbound = stratified_masks(
-            len(global_crops), self.mask_generator, self.mask_ratio_min_max, self.mask_probability, self.rng
-        )
-        masks = torch.from_numpy(masks)
-        mask_indices = masks.flatten().nonzero().flatten()
-        masks_weight = (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
-        batch = {
-            "global_crops": global_crops,
-            "local_crops": local_crops,
-            "masks": masks,
-            "mask_indices": mask_indices,
-            "masks_weight": masks_weight,
-            "n_masked_patches": torch.tensor([mask_indices.numel()], dtype=torch.long),
-            "upperbound": upperbound,
-        }
+        batch = {"global_crops": global_crops, "local_crops": local_crops}
         for key in ("labels", "skipped"):
             if key in samples[0]:
                 batch[key] = torch.tensor([s[key] for s in samples])
         return batch
+
+    def masks(self, n_global_crops: int, rng: random.Random | None = None) -> dict:
+        """iBOT masks for ``n_global_crops`` crops (from ``rng`` if given, e.g. seeded per step)."""
+        rng = rng or self.rng
+        self.mask_generator.rng = rng
+        masks, upperbound = stratified_masks(
+            n_global_crops, self.mask_generator, self.mask_ratio_min_max, self.mask_probability, rng
+        )
+        masks = torch.from_numpy(masks)
+        mask_indices = masks.flatten().nonzero().flatten()
+        return {
+            "masks": masks,
+            "mask_indices": mask_indices,
+            "masks_weight": (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks],
+            "n_masked_patches": torch.tensor([mask_indices.numel()], dtype=torch.long),
+            "upperbound": upperbound,
+        }

@@ -48,23 +48,27 @@ def sinkhorn_knopp(
 
 
 class SoftmaxCenter(nn.Module):
-    """The EMA center of softmax centering, with the official one-step-delayed update."""
+    """The EMA center of softmax centering, with the official one-step-delayed update.
+
+    The recorded batch sum waits in buffers (saved with checkpoints, so a resumed run applies
+    exactly the update the uninterrupted run would have applied).
+    """
 
     def __init__(self, shape: tuple[int, ...], momentum: float = 0.9) -> None:
         super().__init__()
         self.momentum = momentum
         self.register_buffer("center", torch.zeros(*shape))
-        self._pending_sum: torch.Tensor | None = None
-        self._pending_count = 0
+        self.register_buffer("pending_sum", torch.zeros(*shape))
+        self.register_buffer("pending_count", torch.zeros((), dtype=torch.long))  # 0: nothing pending
 
     @torch.no_grad()
     def apply_pending_update(self) -> None:
         """Fold the batch mean recorded by :meth:`record` into the center (all-reduced over ranks)."""
-        if self._pending_sum is None:
+        if self.pending_count.item() == 0:
             return
-        batch_mean = all_reduce_sum(self._pending_sum) / (self._pending_count * world_size())
+        batch_mean = all_reduce_sum(self.pending_sum.clone()) / (self.pending_count.item() * world_size())
         self.center.mul_(self.momentum).add_(batch_mean, alpha=1 - self.momentum)
-        self._pending_sum = None
+        self.pending_count.zero_()
 
     @torch.no_grad()
     def softmax(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
@@ -74,5 +78,5 @@ class SoftmaxCenter(nn.Module):
     @torch.no_grad()
     def record(self, teacher_logits_sum: torch.Tensor, count: int) -> None:
         """Remember this batch's logit sum over ``count`` rows; applied at the next :meth:`softmax`."""
-        self._pending_sum = teacher_logits_sum.float()
-        self._pending_count = count
+        self.pending_sum.copy_(teacher_logits_sum.float())
+        self.pending_count.fill_(count)

@@ -242,7 +242,7 @@ def export_transformers(model: Dinov2HFModel, output_dir: str | Path, crop_size:
     """
     output_dir = Path(output_dir)
     to_transformers(model).save_pretrained(output_dir)
-    dinov2_image_processor(crop_size=crop_size).save_pretrained(output_dir)
+    _processor(crop_size).save_pretrained(output_dir)
     return output_dir
 
 
@@ -250,8 +250,13 @@ def save_ours(model: Dinov2HFModel, output_dir: str | Path, crop_size: int = 224
     """Save in our format (safetensors + code for trust_remote_code) with the DINOv2 image processor."""
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
-    dinov2_image_processor(crop_size=crop_size).save_pretrained(output_dir)
+    _processor(crop_size).save_pretrained(output_dir)
     return output_dir
+
+
+def _processor(crop_size: int):
+    """The DINOv2 processor for ``crop_size``, resizing in the released 256:224 proportion."""
+    return dinov2_image_processor(crop_size=crop_size, resize_size=int(round(crop_size * 256 / 224)))
 
 
 # -- Meta checkpoints -----------------------------------------------------------------------------

@@ -1,0 +1,101 @@
+"""The trainer on CPU: loss goes down, kill-and-resume continues the same trajectory, bad images are
+counted, the export loads with stock transformers."""
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dinov2_hf.config_utils import ConfigError
+from dinov2_hf.training.config import load_train_config
+from dinov2_hf.training.trainer import Trainer
+
+
+def write_cifar_subset(cifar_dir, folder, rows=192, corrupt=0):
+    table = pq.read_table(cifar_dir / "test-00000-of-00001.parquet").slice(0, rows)
+    images = table.column("image").to_pylist()
+    for i in range(corrupt):
+        images[5 + 7 * i] = {"bytes": b"\x89PNG broken" if i % 2 else b"", "path": None}
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"image": images, "label": table.column("label")}), folder / "train-00000-of-00001.parquet")
+    return folder
+
+
+def tiny_config(data_dir, output_dir, **train):
+    overrides = [
+        f"data.source={data_dir}", "data.shuffle_buffer=32",
+        "model.overrides.hidden_size=48", "model.overrides.num_hidden_layers=2", "model.overrides.num_attention_heads=2",
+        "dino.head_n_prototypes=128", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32", "ibot.head_n_prototypes=128",
+        "crops.local_crops_number=2", "schedule.epochs=4", "schedule.epoch_length=2", "schedule.warmup_epochs=1",
+        "schedule.warmup_teacher_temp_epochs=1", "schedule.momentum_teacher=0.9",
+        "train.batch_size_per_device=16", "train.num_workers=0", "train.mixed_precision=no",
+        f"train.output_dir={output_dir}", "train.save_every=3",
+    ] + [f"train.{k}={v}" for k, v in train.items()]
+    return load_train_config("cifar10", overrides)
+
+
+def test_kill_and_resume_reproduces_the_trajectory(cifar_dir, tmp_path):
+    data = write_cifar_subset(cifar_dir, tmp_path / "data")
+    full = Trainer(tiny_config(data, tmp_path / "full")).train()
+    assert len(full) == 8
+    killed = Trainer(tiny_config(data, tmp_path / "resumed", max_steps=3)).train()  # "killed" after step 3
+    assert [r["loss"] for r in killed] == [r["loss"] for r in full[:3]]
+    resumed = Trainer(tiny_config(data, tmp_path / "resumed")).train()  # resume=auto
+    assert [r["step"] for r in resumed] == list(range(3, 8))
+    for a, b in zip(resumed, full[3:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6), (a["step"], a["loss"], b["loss"])
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in full)
+
+
+def test_bad_images_are_counted_and_export_loads_in_stock_transformers(cifar_dir, tmp_path):
+    data = write_cifar_subset(cifar_dir, tmp_path / "data", corrupt=4)
+    history = Trainer(tiny_config(data, tmp_path / "run", max_steps=8, num_workers=1)).train()
+    assert history[-1]["skipped_images"] == 4
+    from transformers import AutoImageProcessor, AutoModel
+
+    export = tmp_path / "run" / "export" / "transformers"
+    model = AutoModel.from_pretrained(export)
+    processor = AutoImageProcessor.from_pretrained(export)
+    assert type(model).__name__ == "Dinov2Model" and processor.crop_size.height == 32
+    image = __import__("PIL.Image", fromlist=["Image"]).fromarray((np.random.RandomState(0).rand(40, 40, 3) * 255).astype("uint8"))
+    features = model(**processor(image, return_tensors="pt")).pooler_output
+    assert features.shape == (1, 48)
+    assert (tmp_path / "run" / "export" / "dinov2_hf" / "modeling_dinov2_hf.py").is_file()
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["checkpoint-3", "checkpoint-6", "checkpoint-8"]
+    assert json.loads((checkpoints[-1] / "trainer_state.json").read_text())["step"] == 8
+
+
+def test_bad_config_fails_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="Unknown config key.*lerning_rate"):
+        load_train_config("cifar10", ["schedule.lerning_rate=0.1"])
+    with pytest.raises(ConfigError, match="train.batch_size_per_device: expected an integer"):
+        load_train_config("cifar10", ["train.batch_size_per_device=big"])
+    with pytest.raises(FileNotFoundError, match="neither a YAML file nor a recipe"):
+        load_train_config("no-such-recipe")
+
+
+def test_accelerate_launch_two_processes(cifar_dir, tmp_path):
+    """README's multi-process command: DDP over gloo on two CPU processes trains and exports."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = write_cifar_subset(cifar_dir, tmp_path / "data")
+    launcher = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    root = Path(__file__).resolve().parents[1]
+    command = [launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(root / "train.py"), "--config", "cifar10", f"data.source={data}",
+               "data.shuffle_buffer=16", "model.overrides.hidden_size=48", "model.overrides.num_hidden_layers=2",
+               "model.overrides.num_attention_heads=2", "dino.head_n_prototypes=128", "ibot.head_n_prototypes=128",
+               "train.batch_size_per_device=8", "train.num_workers=0", "train.max_steps=3", "train.mixed_precision=no",
+               f"train.output_dir={tmp_path / 'ddp'}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 3: loss" in result.stdout
+    assert (tmp_path / "ddp" / "export" / "transformers" / "model.safetensors").is_file()
