@@ -99,3 +99,32 @@ def test_accelerate_launch_two_processes(cifar_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 3: loss" in result.stdout
     assert (tmp_path / "ddp" / "export" / "transformers" / "model.safetensors").is_file()
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(cifar_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    data = write_cifar_subset(cifar_dir, tmp_path / "data")
+    args = ["--config", "cifar10", f"data.source={data}", "data.shuffle_buffer=16", "model.overrides.hidden_size=48",
+            "model.overrides.num_hidden_layers=2", "model.overrides.num_attention_heads=2", "dino.head_n_prototypes=128",
+            "ibot.head_n_prototypes=128", "train.batch_size_per_device=8", "train.num_workers=0",
+            "train.mixed_precision=no", "train.save_every=100000", f"train.output_dir={tmp_path / 'run'}"]
+    root = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen([sys.executable, str(root / "train.py"), *args, "train.max_steps=100000"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(25)  # imports, model, first steps
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "checkpoint saved, rerun to resume" in stdout
+    checkpoints = list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1
+    stopped_at = json.loads((checkpoints[0] / "trainer_state.json").read_text())["step"]
+    rerun = subprocess.run([sys.executable, str(root / "train.py"), *args, f"train.max_steps={stopped_at + 2}"],
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"step {stopped_at + 2}: loss" in rerun.stdout

@@ -78,6 +78,9 @@ def run_train(args: argparse.Namespace) -> None:
     config = load_train_config(args.config, args.overrides)  # fails on unknown keys before any work
     trainer = Trainer(config)
     history = trainer.train()
+    if trainer.stop_signal is not None:
+        print(f"stopped by signal {trainer.stop_signal} at step {trainer.step}; checkpoint saved, rerun to resume")
+        raise SystemExit(128 + trainer.stop_signal)
     if trainer.accelerator.is_main_process and history:
         last = history[-1]
         print(

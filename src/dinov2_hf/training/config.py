@@ -21,6 +21,7 @@ class TrainerSettings(TrainSettings):
     save_every: int = 1000
     keep_last: int = 3
     log_every: int = 10
+    log_with: str = "auto"  # Accelerate trackers: "auto" (TensorBoard if installed), "none", or e.g. "wandb,tensorboard"
     resume: str = "auto"  # "auto" (newest complete checkpoint in output_dir), "none", or a checkpoint folder
 
 

@@ -14,16 +14,22 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
+import signal
+import threading
+import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
 from ..data.collate import MultiCropCollator
 from ..data.sources import MultiCropStream, load_image_stream
 from ..data.transforms import BatchedPhotometric, MultiCropGeometry
+from ..config_utils import to_dict
 from ..modeling.convert import export_transformers, save_ours
 from ..ssl import SSLMetaArch, build_schedules, build_student_config, param_groups
 from ..ssl.param_groups import apply_schedules
@@ -32,6 +38,17 @@ from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
+
+
+def _trackers(log_with: str) -> list[str] | None:
+    """``auto``: TensorBoard when it is installed; ``none``; or a comma-separated list for Accelerate."""
+    if log_with == "none":
+        return None
+    if log_with == "auto":
+        from accelerate.utils import is_tensorboard_available
+
+        return ["tensorboard"] if is_tensorboard_available() else None
+    return [name.strip() for name in log_with.split(",") if name.strip()]
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -44,7 +61,9 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         train = config.train
-        self.accelerator = Accelerator(mixed_precision=train.mixed_precision)
+        self.accelerator = Accelerator(
+            mixed_precision=train.mixed_precision, log_with=_trackers(train.log_with), project_dir=train.output_dir
+        )
         set_seed(train.seed)
         self.output_dir = Path(train.output_dir)
         self.arch = SSLMetaArch(config)
@@ -61,6 +80,7 @@ class Trainer:
         )
         self.photometric = BatchedPhotometric(blur=config.crops.blur)
         self.step, self.epoch, self.batches_in_epoch, self.skipped_images = 0, 0, 0, 0
+        self.stop_signal: int | None = None
 
     # -- data ---------------------------------------------------------------------------------------
 
@@ -139,33 +159,77 @@ class Trainer:
 
     # -- loop -----------------------------------------------------------------------------------------
 
+    def _handle_signals(self) -> None:
+        """SIGTERM / SIGINT finish the current step, write a checkpoint and stop (resume continues)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def request_stop(signum, frame):
+            self.stop_signal = signum
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, request_stop)
+
+    def _log(self, record: dict, progress, images_per_second: float) -> None:
+        if self.step % self.config.train.log_every == 0 or self.step == self.config.total_steps:
+            metrics = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            self.accelerator.log({**metrics, "images_per_second": images_per_second}, step=self.step)
+        warmup = self.config.schedule.warmup_epochs * self.config.schedule.epoch_length
+        if record["collapse"] and self.step > warmup and self.step % max(self.config.train.log_every, 1) == 0:
+            logger.warning(
+                "Collapse indicators at step %d: teacher entropy %.3f of its maximum, batch entropy %.3f, CLS spread %.3f. "
+                "See README (health metrics) for what to change.",
+                self.step, record["teacher_entropy"], record["teacher_batch_entropy"], record["cls_std"],
+            )
+        if progress is not None:
+            progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{images_per_second:.0f}", skipped=self.skipped_images)
+            progress.update(1)
+
     def train(self) -> list[dict]:
-        """Train to ``total_steps``; returns the logged records. Exports the teacher at the end."""
+        """Train to ``total_steps`` (or until SIGTERM/SIGINT); returns the step records.
+
+        Exports the teacher at the end; an interrupted run saves a checkpoint and sets ``stop_signal``.
+        """
+        self._handle_signals()
         self.maybe_resume()
         total, history = self.config.total_steps, []
-        while self.step < total:
+        self.accelerator.init_trackers("dinov2_hf", config={k: str(v) for k, v in to_dict(self.config).items()})
+        images_per_step = self.config.train.batch_size_per_device * self.accelerator.num_processes
+        progress = tqdm(total=total, initial=self.step, desc="dinov2", unit="step", disable=not self.accelerator.is_main_process)
+        while self.step < total and self.stop_signal is None:
             produced = 0
             for index, batch in enumerate(self.batches(self.epoch)):
                 if index < self.batches_in_epoch:
                     continue  # replaying the stream up to the resumed position
+                started = time.perf_counter()
                 self.skipped_images += int(batch.pop("skipped", torch.zeros(1)).sum())
                 record = {"step": self.step, **self.train_step(self.prepare_batch(batch)), "skipped_images": self.skipped_images}
+                if not math.isfinite(record["loss"]):
+                    self.save_checkpoint()
+                    raise RuntimeError(f"The loss is {record['loss']} at step {self.step}; a checkpoint was saved before it.")
                 history.append(record)
                 self.step += 1
                 self.batches_in_epoch = index + 1
                 produced += 1
-                if self.step % self.config.train.save_every == 0:
+                self._log(record, progress, images_per_step / max(time.perf_counter() - started, 1e-9))
+                if self.step % self.config.train.save_every == 0 or self.stop_signal is not None:
                     self.save_checkpoint()
-                if self.step >= total:
+                if self.step >= total or self.stop_signal is not None:
                     break
-            if self.step < total:
+            if self.step < total and self.stop_signal is None:
                 if produced == 0 and self.batches_in_epoch == 0:
                     raise RuntimeError(
                         f"data.source={self.config.data.source!r} produced no batch of {self.config.train.batch_size_per_device} images."
                     )
                 self.epoch, self.batches_in_epoch = self.epoch + 1, 0
-        self.save_checkpoint()
-        self.export()
+        progress.close()
+        if self.stop_signal is not None:
+            path = latest_checkpoint(self.output_dir / "checkpoints")
+            logger.warning("Stopped by signal %d at step %d; checkpoint %s. Run the same command to resume.", self.stop_signal, self.step, path)
+        else:
+            self.save_checkpoint()
+            self.export()
+        self.accelerator.end_training()
         return history
 
     def export(self) -> Path:
