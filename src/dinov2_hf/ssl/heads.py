@@ -10,6 +10,8 @@ official checkpoints so their heads load as they are.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +24,9 @@ class WeightNormLinear(nn.Module):
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
         self.weight_g = nn.Parameter(torch.ones(out_features, 1))
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        # PyTorch's default Linear init, as in the official head (its trunc-normal init runs before
+        # the prototype layer is created, so the prototypes keep the default).
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
 
     @property
     def weight(self) -> torch.Tensor:
