@@ -128,3 +128,13 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(cifar_dir, tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"step {stopped_at + 2}: loss" in rerun.stdout
+
+
+def test_knn_monitor_logs_accuracy(cifar_dir, tmp_path):
+    data = write_cifar_subset(cifar_dir, tmp_path / "data", rows=96)
+    config = tiny_config(data, tmp_path / "run", max_steps=4)
+    config.monitor.every, config.monitor.source = 2, str(data)
+    config.monitor.train_images, config.monitor.test_images = 64, 32
+    history = Trainer(config).train()
+    accuracies = [r["knn_top1"] for r in history if "knn_top1" in r]
+    assert len(accuracies) == 2 and all(0.0 <= a <= 1.0 for a in accuracies)

@@ -26,9 +26,27 @@ class TrainerSettings(TrainSettings):
 
 
 @dataclass
+class MonitorSettings:
+    """kNN accuracy of the teacher on a labelled source every ``every`` steps (0: off).
+
+    The first ``train_images`` images of ``source`` are the kNN memory, the next ``test_images``
+    the queries; images are resized to the global crop size.
+    """
+
+    every: int = 0
+    source: str = ""
+    image_column: str = "image"
+    label_column: str = "label"
+    train_images: int = 5000
+    test_images: int = 1000
+    k: int = 20
+
+
+@dataclass
 class TrainConfig(SSLConfig):
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainerSettings = field(default_factory=TrainerSettings)
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
 
     @property
     def total_steps(self) -> int:

@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -30,6 +31,10 @@ from ..data.collate import MultiCropCollator
 from ..data.sources import MultiCropStream, load_image_stream
 from ..data.transforms import BatchedPhotometric, MultiCropGeometry
 from ..config_utils import to_dict
+from ..data.decode import ImageDecodeError, open_rgb
+from ..data.sources import DataSettings
+from ..eval import knn_classify
+from ..modeling.processor import IMAGENET_MEAN, IMAGENET_STD
 from ..modeling.convert import export_transformers, save_ours
 from ..ssl import SSLMetaArch, build_schedules, build_student_config, param_groups
 from ..ssl.param_groups import apply_schedules
@@ -131,6 +136,49 @@ class Trainer:
         arch.update_teacher(values["momentum"])
         return {**{k: v.item() for k, v in {**out, **grad_norms}.items()}, **values}
 
+    # -- monitoring -----------------------------------------------------------------------------------
+
+    def _monitor_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The monitor's labelled images as one normalised tensor (read once, kept on the CPU)."""
+        if getattr(self, "_monitor_cache", None) is None:
+            settings = self.config.monitor
+            wanted = settings.train_images + settings.test_images
+            stream = load_image_stream(
+                DataSettings(source=settings.source, image_column=settings.image_column, label_column=settings.label_column, shuffle_buffer=0)
+            )
+            size = self.config.crops.global_crops_size
+            mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+            std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+            pixels, labels = [], []
+            for example in stream:
+                value = example[settings.image_column]
+                try:
+                    image = open_rgb(value.get("bytes") or value.get("path") if isinstance(value, dict) else value)
+                except ImageDecodeError:
+                    continue
+                array = torch.from_numpy(np.asarray(image.resize((size, size), 3)).copy())  # 3: bicubic
+                pixels.append((array.permute(2, 0, 1).float() / 255 - mean) / std)
+                labels.append(int(example[settings.label_column]))
+                if len(pixels) == wanted:
+                    break
+            if len(pixels) < 2:
+                raise ValueError(f"monitor.source={settings.source!r} gave {len(pixels)} labelled images; need at least 2.")
+            self._monitor_cache = (torch.stack(pixels), torch.tensor(labels))
+        return self._monitor_cache
+
+    @torch.no_grad()
+    def knn_monitor(self) -> float:
+        """Weighted kNN top-1 of the teacher's normalised CLS on the monitor split."""
+        pixels, labels = self._monitor_images()
+        backbone = self.accelerator.unwrap_model(self.model).teacher["backbone"]
+        features = []
+        for chunk in pixels.split(256):
+            with self.accelerator.autocast():
+                features.append(backbone(chunk.to(self.accelerator.device)).pooler_output.float().cpu())
+        features = torch.cat(features)
+        n_train = min(self.config.monitor.train_images, len(features) - 1)
+        return knn_classify(features[:n_train], labels[:n_train], features[n_train:], labels[n_train:], ks=(self.config.monitor.k,))[self.config.monitor.k]
+
     # -- checkpoints ----------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
@@ -207,6 +255,9 @@ class Trainer:
                 if not math.isfinite(record["loss"]):
                     self.save_checkpoint()
                     raise RuntimeError(f"The loss is {record['loss']} at step {self.step}; a checkpoint was saved before it.")
+                every = self.config.monitor.every
+                if every and self.config.monitor.source and (self.step + 1) % every == 0 and self.accelerator.is_main_process:
+                    record["knn_top1"] = self.knn_monitor()
                 history.append(record)
                 self.step += 1
                 self.batches_in_epoch = index + 1
