@@ -86,6 +86,7 @@ class Trainer:
         self.photometric = BatchedPhotometric(blur=config.crops.blur)
         self.step, self.epoch, self.batches_in_epoch, self.skipped_images = 0, 0, 0, 0
         self.stop_signal: int | None = None
+        self._last_collapse_warning = -(10**9)
 
     # -- data ---------------------------------------------------------------------------------------
 
@@ -223,7 +224,8 @@ class Trainer:
             metrics = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
             self.accelerator.log({**metrics, "images_per_second": images_per_second}, step=self.step)
         warmup = self.config.schedule.warmup_epochs * self.config.schedule.epoch_length
-        if record["collapse"] and self.step > warmup and self.step % max(self.config.train.log_every, 1) == 0:
+        if record["collapse"] and self.step > warmup and self.step - self._last_collapse_warning >= 100:
+            self._last_collapse_warning = self.step  # at most one warning per 100 steps
             logger.warning(
                 "Collapse indicators at step %d: teacher entropy %.3f of its maximum, batch entropy %.3f, CLS spread %.3f. "
                 "See README (health metrics) for what to change.",
