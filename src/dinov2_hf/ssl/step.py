@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 
 from ..data.transforms import BatchedPhotometric
@@ -26,18 +29,27 @@ def training_step(
     iteration: int,
     clip_grad: float,
     autocast_dtype: torch.dtype | None = None,
+    model: Callable | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> dict[str, float]:
     """Schedules -> forward -> backward -> per-module clipping -> optimizer step -> EMA teacher.
 
+    ``model``, ``backward`` and ``autocast`` default to plain PyTorch; the trainer passes
+    Accelerate's wrapped model, ``accelerator.backward`` and ``accelerator.autocast``.
     Returns the losses, health metrics, gradient norms and schedule values as floats.
     """
     values = schedules.at(iteration)
     apply_schedules(optimizer, values["lr"], values["weight_decay"], values["last_layer_lr"])
-    device_type = batch["global_crops"].device.type
-    with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        out = arch(batch, teacher_temp=values["teacher_temp"])
+    if autocast is None:
+        device_type = batch["global_crops"].device.type
+        context = torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)
+    else:
+        context = autocast()
+    with context:
+        out = (model or arch)(batch, teacher_temp=values["teacher_temp"])
     optimizer.zero_grad(set_to_none=True)
-    out["loss"].backward()
+    (backward or torch.Tensor.backward)(out["loss"])
     grad_norms = arch.clip_gradients(clip_grad)
     optimizer.step()
     arch.update_teacher(values["momentum"])

@@ -37,7 +37,7 @@ from ..eval import knn_classify
 from ..modeling.processor import IMAGENET_MEAN, IMAGENET_STD
 from ..modeling.convert import export_transformers, save_ours
 from ..ssl import SSLMetaArch, build_schedules, build_student_config, param_groups
-from ..ssl.param_groups import apply_schedules
+from ..ssl.step import training_step
 from .checkpoint import atomic_checkpoint, latest_checkpoint, prune_checkpoints
 from .config import TrainConfig
 
@@ -125,17 +125,17 @@ class Trainer:
     # -- one step -----------------------------------------------------------------------------------
 
     def train_step(self, batch: dict) -> dict[str, float]:
-        arch = self.accelerator.unwrap_model(self.model)
-        values = self.schedules.at(self.step)
-        apply_schedules(self.optimizer, values["lr"], values["weight_decay"], values["last_layer_lr"])
-        with self.accelerator.autocast():
-            out = self.model(batch, teacher_temp=values["teacher_temp"])
-        self.optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(out["loss"])
-        grad_norms = arch.clip_gradients(self.config.optim.clip_grad)
-        self.optimizer.step()
-        arch.update_teacher(values["momentum"])
-        return {**{k: v.item() for k, v in {**out, **grad_norms}.items()}, **values}
+        return training_step(
+            self.accelerator.unwrap_model(self.model),
+            self.optimizer,
+            batch,
+            self.schedules,
+            self.step,
+            self.config.optim.clip_grad,
+            model=self.model,
+            backward=self.accelerator.backward,
+            autocast=self.accelerator.autocast,
+        )
 
     # -- monitoring -----------------------------------------------------------------------------------
 
