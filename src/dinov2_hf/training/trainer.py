@@ -6,7 +6,7 @@ augmentation (seeded per step) -> ``SSLMetaArch.forward`` (losses) -> backward, 
 EMA teacher.
 
 Reproducibility: worker crops are seeded from (seed, epoch, rank, worker); masks and photometric
-augmentation from (seed, step). A resumed run reloads the Accelerate state and replays the stream
+augmentation from (seed, step, rank). A resumed run reloads the Accelerate state and replays the stream
 to the saved position, so it continues the uninterrupted run's trajectory.
 """
 
@@ -112,8 +112,9 @@ class Trainer:
         )
 
     def prepare_batch(self, batch: dict) -> dict:
-        """Masks and photometric augmentation on the device, both seeded by (seed, step)."""
-        seed = self.config.train.seed * 1_000_003 + self.step
+        """Masks and photometric augmentation on the device, both seeded by (seed, step, rank)."""
+        accelerator = self.accelerator
+        seed = (self.config.train.seed * 1_000_003 + self.step) * accelerator.num_processes + accelerator.process_index
         batch.update(self.collator.masks(len(batch["global_crops"]), random.Random(seed)))
         device = self.accelerator.device
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
