@@ -62,10 +62,8 @@ class MultiCropCollator:
 
     def masks(self, n_global_crops: int, rng: random.Random | None = None) -> dict:
         """iBOT masks for ``n_global_crops`` crops (from ``rng`` if given, e.g. seeded per step)."""
-        rng = rng or self.rng
-        self.mask_generator.rng = rng
         masks, upperbound = stratified_masks(
-            n_global_crops, self.mask_generator, self.mask_ratio_min_max, self.mask_probability, rng
+            n_global_crops, self.mask_generator, self.mask_ratio_min_max, self.mask_probability, rng or self.rng
         )
         masks = torch.from_numpy(masks)
         mask_indices = masks.flatten().nonzero().flatten()

@@ -32,16 +32,17 @@ class MaskingGenerator:
         self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect or 1 / min_aspect))
         self.rng = rng or random.Random()
 
-    def _add_block(self, mask: np.ndarray, max_mask_patches: int) -> int:
+    def _add_block(self, mask: np.ndarray, max_mask_patches: int, rng: random.Random | None = None) -> int:
+        rng = rng or self.rng
         delta = 0
         for _ in range(10):
-            target_area = self.rng.uniform(self.min_num_patches, max_mask_patches)
-            aspect_ratio = math.exp(self.rng.uniform(*self.log_aspect_ratio))
+            target_area = rng.uniform(self.min_num_patches, max_mask_patches)
+            aspect_ratio = math.exp(rng.uniform(*self.log_aspect_ratio))
             h = int(round(math.sqrt(target_area * aspect_ratio)))
             w = int(round(math.sqrt(target_area / aspect_ratio)))
             if w < self.width and h < self.height:
-                top = self.rng.randint(0, self.height - h)
-                left = self.rng.randint(0, self.width - w)
+                top = rng.randint(0, self.height - h)
+                left = rng.randint(0, self.width - w)
                 block = mask[top : top + h, left : left + w]
                 new_patches = h * w - int(block.sum())
                 if 0 < new_patches <= max_mask_patches:
@@ -51,13 +52,13 @@ class MaskingGenerator:
                     break
         return delta
 
-    def __call__(self, num_masking_patches: int = 0) -> np.ndarray:
+    def __call__(self, num_masking_patches: int = 0, rng: random.Random | None = None) -> np.ndarray:
         """A boolean (height, width) mask with about ``num_masking_patches`` patches set."""
         mask = np.zeros((self.height, self.width), dtype=bool)
         count = 0
         while count < num_masking_patches:
             budget = min(num_masking_patches - count, self.max_num_patches)
-            delta = self._add_block(mask, budget)
+            delta = self._add_block(mask, budget, rng)
             if delta == 0:
                 break
             count += delta
@@ -77,14 +78,14 @@ def stratified_masks(
     draws uniformly in the i-th of equal bins of ``linspace(min, max)``. The rest get empty masks;
     the order is shuffled. Also returns the upper bound on masked patches (sum of bin maxima).
     """
-    rng = rng or random.Random()
+    rng = rng or generator.rng
     n_patches = generator.num_patches
     n_masked_images = int(n_images * mask_probability)
     edges = np.linspace(*mask_ratio_min_max, n_masked_images + 1)
     masks, upperbound = [], 0
     for i in range(n_masked_images):
-        masks.append(generator(int(n_patches * rng.uniform(edges[i], edges[i + 1]))))
+        masks.append(generator(int(n_patches * rng.uniform(edges[i], edges[i + 1])), rng))
         upperbound += int(n_patches * edges[i + 1])
-    masks += [generator(0) for _ in range(n_images - n_masked_images)]
+    masks += [generator(0, rng) for _ in range(n_images - n_masked_images)]
     rng.shuffle(masks)
     return np.stack(masks).reshape(n_images, -1), upperbound
