@@ -103,7 +103,7 @@ def load_image_stream(settings: DataSettings, rank: int = 0, world_size: int = 1
     return stream
 
 
-def _image_source(value):
+def image_source(value):
     """bytes, a path, or a PIL image, from whatever the image column holds."""
     if isinstance(value, dict):
         return value.get("bytes") or value.get("path") or b""
@@ -134,7 +134,7 @@ class MultiCropStream(torch.utils.data.IterableDataset):
         pending, skipped = None, 0
         for example in self.stream:
             try:
-                image = open_rgb(_image_source(example[self.image_column]))
+                image = open_rgb(image_source(example[self.image_column]))
             except ImageDecodeError:
                 skipped += 1
                 continue

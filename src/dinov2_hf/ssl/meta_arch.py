@@ -192,13 +192,14 @@ class SSLMetaArch(nn.Module):
         log_k = math.log(n_prototypes)
         teacher = dino_targets.flatten(0, 1).float()
         student_log = F.log_softmax(global_logits.float() / self.config.student_temp, dim=-1)
-        teacher_entropy = -(teacher * teacher.clamp_min(1e-12).log()).sum(-1).mean() / log_k
+        teacher_log = teacher.clamp_min(1e-12).log()
+        teacher_entropy = -(teacher * teacher_log).sum(-1).mean() / log_k
         student_entropy = -(student_log.exp() * student_log).sum(-1).mean() / log_k
         mean_teacher = teacher.mean(0)
         batch_entropy = -(mean_teacher * mean_teacher.clamp_min(1e-12).log()).sum() / log_k
-        kl = (teacher * (teacher.clamp_min(1e-12).log() - student_log)).sum(-1).mean()
+        kl = (teacher * (teacher_log - student_log)).sum(-1).mean()
         features = F.normalize(global_cls.float(), dim=-1)
-        cls_std = features.std(dim=0).mean() * math.sqrt(features.shape[-1]) if len(features) > 1 else torch.ones(())
+        cls_std = features.std(dim=0).mean() * math.sqrt(features.shape[-1]) if len(features) > 1 else features.new_ones(())
         collapse = (teacher_entropy > 0.99) | (batch_entropy < 0.05) | (cls_std < 0.05)
         return {
             "teacher_entropy": teacher_entropy,

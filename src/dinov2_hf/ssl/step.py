@@ -13,11 +13,13 @@ from .param_groups import apply_schedules
 from .schedules import Schedules
 
 
-def augment_batch(batch: dict, photometric: BatchedPhotometric, device: torch.device | str) -> dict:
+def augment_batch(
+    batch: dict, photometric: BatchedPhotometric, device: torch.device | str, generator: torch.Generator | None = None
+) -> dict:
     """Move a collated batch to ``device`` and run the photometric augmentations there."""
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    batch["global_crops"] = photometric.global_crops(batch["global_crops"])
-    batch["local_crops"] = photometric.local_crops(batch["local_crops"])
+    batch["global_crops"] = photometric.global_crops(batch["global_crops"], generator)
+    batch["local_crops"] = photometric.local_crops(batch["local_crops"], generator)
     return batch
 
 
@@ -53,4 +55,7 @@ def training_step(
     grad_norms = arch.clip_gradients(clip_grad)
     optimizer.step()
     arch.update_teacher(values["momentum"])
-    return {**{k: v.item() for k, v in {**out, **grad_norms}.items()}, **values}
+    scalars = {**out, **grad_norms}
+    # One device-to-host copy for all scalars (one sync per step, not one per metric).
+    floats = torch.stack([v.detach().float() for v in scalars.values()]).tolist()
+    return {**dict(zip(scalars, floats)), **values}

@@ -23,21 +23,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ..data.collate import MultiCropCollator
-from ..data.sources import MultiCropStream, load_image_stream
-from ..data.transforms import BatchedPhotometric, MultiCropGeometry
 from ..config_utils import to_dict
+from ..data.collate import MultiCropCollator
 from ..data.decode import ImageDecodeError, open_rgb
-from ..data.sources import DataSettings
+from ..data.sources import DataSettings, MultiCropStream, image_source, load_image_stream
+from ..data.transforms import BatchedPhotometric, MultiCropGeometry
 from ..eval import knn_classify
-from ..modeling.processor import IMAGENET_MEAN, IMAGENET_STD
 from ..modeling.convert import export_transformers, save_ours
 from ..ssl import SSLMetaArch, build_schedules, build_student_config, param_groups
-from ..ssl.step import training_step
+from ..ssl.step import augment_batch, training_step
 from .checkpoint import atomic_checkpoint, latest_checkpoint, prune_checkpoints
 from .config import TrainConfig
 
@@ -116,12 +115,8 @@ class Trainer:
         accelerator = self.accelerator
         seed = (self.config.train.seed * 1_000_003 + self.step) * accelerator.num_processes + accelerator.process_index
         batch.update(self.collator.masks(len(batch["global_crops"]), random.Random(seed)))
-        device = self.accelerator.device
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        generator = torch.Generator(device=device).manual_seed(seed)
-        batch["global_crops"] = self.photometric.global_crops(batch["global_crops"], generator)
-        batch["local_crops"] = self.photometric.local_crops(batch["local_crops"], generator)
-        return batch
+        generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+        return augment_batch(batch, self.photometric, accelerator.device, generator)
 
     # -- one step -----------------------------------------------------------------------------------
 
@@ -149,23 +144,21 @@ class Trainer:
                 DataSettings(source=settings.source, image_column=settings.image_column, label_column=settings.label_column, shuffle_buffer=0)
             )
             size = self.config.crops.global_crops_size
-            mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-            std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
             pixels, labels = [], []
             for example in stream:
-                value = example[settings.image_column]
                 try:
-                    image = open_rgb(value.get("bytes") or value.get("path") if isinstance(value, dict) else value)
+                    image = open_rgb(image_source(example[settings.image_column]))
                 except ImageDecodeError:
                     continue
-                array = torch.from_numpy(np.asarray(image.resize((size, size), 3)).copy())  # 3: bicubic
-                pixels.append((array.permute(2, 0, 1).float() / 255 - mean) / std)
+                resized = image.resize((size, size), Image.Resampling.BICUBIC)
+                pixels.append(torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1))
                 labels.append(int(example[settings.label_column]))
                 if len(pixels) == wanted:
                     break
             if len(pixels) < 2:
                 raise ValueError(f"monitor.source={settings.source!r} gave {len(pixels)} labelled images; need at least 2.")
-            self._monitor_cache = (torch.stack(pixels), torch.tensor(labels))
+            normalized = self.photometric.normalize(torch.stack(pixels).float().div_(255))
+            self._monitor_cache = (normalized, torch.tensor(labels))
         return self._monitor_cache
 
     @torch.no_grad()
@@ -256,8 +249,12 @@ class Trainer:
                 self.skipped_images += int(batch.pop("skipped", torch.zeros(1)).sum())
                 record = {"step": self.step, **self.train_step(self.prepare_batch(batch)), "skipped_images": self.skipped_images}
                 if not math.isfinite(record["loss"]):
-                    self.save_checkpoint()
-                    raise RuntimeError(f"The loss is {record['loss']} at step {self.step}; a checkpoint was saved before it.")
+                    # The optimizer has already applied this step: saving now would keep broken weights.
+                    last = latest_checkpoint(self.output_dir / "checkpoints")
+                    raise RuntimeError(
+                        f"The loss is {record['loss']} at step {self.step}; resume from the last good checkpoint ({last}) "
+                        "with a lower learning rate or bf16 instead of fp16."
+                    )
                 every = self.config.monitor.every
                 if every and self.config.monitor.source and (self.step + 1) % every == 0 and self.accelerator.is_main_process:
                     record["knn_top1"] = self.knn_monitor()
@@ -281,7 +278,8 @@ class Trainer:
             path = latest_checkpoint(self.output_dir / "checkpoints")
             logger.warning("Stopped by signal %d at step %d; checkpoint %s. Run the same command to resume.", self.stop_signal, self.step, path)
         else:
-            self.save_checkpoint()
+            if self.step % self.config.train.save_every:  # the loop saved this step already otherwise
+                self.save_checkpoint()
             self.export()
         self.accelerator.end_training()
         return history
