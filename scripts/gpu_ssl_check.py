@@ -12,23 +12,21 @@ This is a check of the science on real data until the trainer (issue 4) exists, 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from dinov2_hf.data import open_rgb  # noqa: E402
 from dinov2_hf.data.collate import MultiCropCollator  # noqa: E402
 from dinov2_hf.data.transforms import BatchedPhotometric, MultiCropGeometry  # noqa: E402
 from dinov2_hf.eval import knn_classify  # noqa: E402
-from dinov2_hf.modeling.processor import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from dinov2_hf.ssl import SSLMetaArch, build_schedules, param_groups  # noqa: E402
 from dinov2_hf.ssl.config import load_recipe  # noqa: E402
 from dinov2_hf.ssl.step import augment_batch, training_step  # noqa: E402
@@ -53,20 +51,19 @@ class CropDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
-        return self.geometry(Image.open(io.BytesIO(self.images[index])).convert("RGB"))
+        return self.geometry(open_rgb(self.images[index]))
 
 
 @torch.no_grad()
 def embed(backbone, images: list[bytes], device: str, batch_size: int = 1024) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    """Teacher CLS of every image at its native 32 px (knn_classify L2-normalises)."""
+    normalize = BatchedPhotometric().normalize
     features = []
     for start in range(0, len(images), batch_size):
-        arrays = [torch.from_numpy(__import__("numpy").asarray(Image.open(io.BytesIO(b)).convert("RGB")).copy()) for b in images[start : start + batch_size]]
-        x = torch.stack(arrays).permute(0, 3, 1, 2).to(device).float().div(255)
+        arrays = [torch.from_numpy(np.asarray(open_rgb(b)).copy()) for b in images[start : start + batch_size]]
+        x = normalize(torch.stack(arrays).permute(0, 3, 1, 2).to(device).float().div_(255))
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-            cls = backbone((x - mean) / std).pooler_output
-        features.append(F.normalize(cls.float(), dim=-1))
+            features.append(backbone(x).pooler_output.float())
     return torch.cat(features)
 
 
