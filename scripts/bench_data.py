@@ -10,7 +10,8 @@ Both pipelines start from encoded JPEG/PNG bytes and end with normalised float t
   torchvision transforms to PIL images;
 - ours: decode + geometric crops per image (``MultiCropGeometry``), then the photometric part
   batched (``BatchedPhotometric``) in the same worker processes, or on the GPU with ``--device cuda``;
-- ours, CPU side only: what the workers feed when the photometric part runs on an accelerator.
+- ours, CPU side only: what the workers feed when the photometric part runs on an accelerator;
+- where kornia is installed, our batched photometric ops against kornia's equivalent pipeline.
 """
 
 from __future__ import annotations
@@ -171,6 +172,39 @@ def run(dataset, collate, batch_size: int, workers: int, device: str, photometri
     return count / (time.perf_counter() - start)
 
 
+def photometric_vs_kornia(device: str, repeats: int = 7) -> dict | None:
+    """Milliseconds for the photometric part on 64 uint8 crops of 224: ours vs kornia's equivalent
+    (ColorJitter p=0.8, grayscale p=0.2, blur 9 / sigma 0.1-2 p=0.5, normalise). None without kornia."""
+    try:
+        import kornia.augmentation as K
+    except ImportError:
+        return None
+    import statistics
+
+    crops = (torch.rand(64, 3, 224, 224) * 255).to(torch.uint8).to(device)
+    kornia_pipeline = K.AugmentationSequential(
+        K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8),
+        K.RandomGrayscale(p=0.2),
+        K.RandomGaussianBlur((9, 9), (0.1, 2.0), p=0.5),
+        K.Normalize(mean=torch.tensor(IMAGENET_MEAN), std=torch.tensor(IMAGENET_STD)),
+    ).to(device)
+    ours = BatchedPhotometric()
+    timings = {}
+    for name, run in (("kornia", lambda: kornia_pipeline(crops.float() / 255)), ("ours", lambda: ours.local_crops(crops))):
+        run()
+        times = []
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        timings[f"{name}_ms_per_64x224"] = round(statistics.median(times) * 1000, 1)
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", choices=["jpeg", "cifar"], default="jpeg")
@@ -199,6 +233,9 @@ def main() -> None:
     cpu_side = run(OursDataset(images, settings, 0), PhotometricCollate(None), args.batch_size, args.workers, "cpu", None)
     results["ours_cpu_side_only_img_per_s"] = round(cpu_side, 1)
     results["cpu_side_speedup"] = round(cpu_side / baseline, 2)
+    comparison = photometric_vs_kornia(args.device)
+    if comparison:
+        results["photometric_vs_kornia"] = comparison
     document = {
         "benchmark": "bench_data",
         "images": args.images,
