@@ -42,6 +42,7 @@ from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
+DATA_STREAM, STEP_STREAM = 0, 1  # the per-epoch data seeds and the per-step augmentation seeds
 
 
 def _trackers(log_with: str) -> list[str] | None:
@@ -89,14 +90,21 @@ class Trainer:
 
     # -- data ---------------------------------------------------------------------------------------
 
+    def _seed(self, stream: int, counter: int) -> int:
+        """A distinct seed for every (run seed, random stream, epoch or step, rank)."""
+        accelerator = self.accelerator
+        run = ((self.config.train.seed * 2 + stream) << 32) + counter
+        return run * accelerator.num_processes + accelerator.process_index
+
     def batches(self, epoch: int):
         """Stacked crop batches of one pass over this rank's share of the stream."""
         config, accelerator = self.config, self.accelerator
         stream = load_image_stream(config.data, accelerator.process_index, accelerator.num_processes, config.train.seed)
         stream.set_epoch(epoch)
-        geometry = MultiCropGeometry(config.crops, seed=hash((config.train.seed, epoch, accelerator.process_index)))
+        seed = self._seed(DATA_STREAM, epoch)
+        geometry = MultiCropGeometry(config.crops, seed=seed)
         dataset = MultiCropStream(stream, geometry, config.data.image_column, config.data.label_column)
-        generator = torch.Generator().manual_seed(config.train.seed * 1000 + epoch * 10 + accelerator.process_index)
+        generator = torch.Generator().manual_seed(seed)
         # datasets gives each worker whole shards: more workers than shards would sit idle.
         workers = min(config.train.num_workers, max(getattr(stream, "num_shards", 1), 1))
         return torch.utils.data.DataLoader(
@@ -113,7 +121,7 @@ class Trainer:
     def prepare_batch(self, batch: dict) -> dict:
         """Masks and photometric augmentation on the device, both seeded by (seed, step, rank)."""
         accelerator = self.accelerator
-        seed = (self.config.train.seed * 1_000_003 + self.step) * accelerator.num_processes + accelerator.process_index
+        seed = self._seed(STEP_STREAM, self.step)
         batch.update(self.collator.masks(len(batch["global_crops"]), random.Random(seed)))
         generator = torch.Generator(device=accelerator.device).manual_seed(seed)
         return augment_batch(batch, self.photometric, accelerator.device, generator)
