@@ -122,12 +122,6 @@ class MultiCropStream(torch.utils.data.IterableDataset):
         """Reshuffle the stream (shards and buffer) for a new epoch."""
         self.stream.set_epoch(epoch)
 
-    def state_dict(self) -> dict:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state)
-
     def __iter__(self):
         # Each yielded sample carries the bad images met since the previous one; a sample is held
         # back until the next good image (or the end) so that trailing bad images are counted too.

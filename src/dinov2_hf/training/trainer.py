@@ -35,7 +35,7 @@ from ..data.sources import DataSettings, MultiCropStream, image_source, load_ima
 from ..data.transforms import BatchedPhotometric, MultiCropGeometry
 from ..eval import knn_classify
 from ..modeling.convert import export_transformers, save_ours
-from ..ssl import SSLMetaArch, build_schedules, build_student_config, param_groups
+from ..ssl import SSLMetaArch, build_schedules, param_groups
 from ..ssl.step import augment_batch, training_step
 from .checkpoint import atomic_checkpoint, latest_checkpoint, prune_checkpoints
 from .config import TrainConfig
@@ -71,17 +71,17 @@ class Trainer:
         )
         set_seed(train.seed)
         self.output_dir = Path(train.output_dir)
-        self.arch = SSLMetaArch(config)
-        self.patch_size = build_student_config(config).patch_size
+        arch = SSLMetaArch(config)
         optimizer = torch.optim.AdamW(
-            param_groups(self.arch.student, config.optim.layerwise_decay, config.optim.patch_embed_lr_mult),
+            param_groups(arch.student, config.optim.layerwise_decay, config.optim.patch_embed_lr_mult),
             betas=(config.optim.adamw_beta1, config.optim.adamw_beta2),
         )
-        self.model, self.optimizer = self.accelerator.prepare(self.arch, optimizer)
+        # self.model may be wrapped (DDP); accelerator.unwrap_model gives the SSLMetaArch back.
+        self.model, self.optimizer = self.accelerator.prepare(arch, optimizer)
         world = self.accelerator.num_processes
         self.schedules = build_schedules(config.schedule, train.batch_size_per_device * world)
         self.collator = MultiCropCollator(
-            config.crops.global_crops_size, self.patch_size, config.ibot.mask_ratio_min_max, config.ibot.mask_sample_probability
+            config.crops.global_crops_size, arch.student["backbone"].config.patch_size, config.ibot.mask_ratio_min_max, config.ibot.mask_sample_probability
         )
         self.photometric = BatchedPhotometric(blur=config.crops.blur)
         self.step, self.epoch, self.batches_in_epoch, self.skipped_images = 0, 0, 0, 0
