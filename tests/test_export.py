@@ -181,3 +181,33 @@ def test_in_process_auto_classes(tiny_kwargs, tmp_path):
     backbone = Dinov2HFBackbone.from_pretrained(tmp_path, out_features=["stage1", "stage2"])
     assert backbone.out_features == ["stage1", "stage2"]
     assert torch.equal(backbone.layernorm.weight, ours.layernorm.weight)
+
+
+def test_load_backbone_every_source(tiny_kwargs, tmp_path):
+    """load_backbone reads our folders, stock transformers folders and Meta .pth files to the same weights."""
+    from test_meta_conversion import meta_state_dict
+
+    from dinov2_hf.modeling import load_backbone
+    from dinov2_hf.modeling.convert import from_meta
+
+    model = tiny_model(tiny_kwargs)
+    save_ours(model, tmp_path / "ours")
+    export_transformers(model, tmp_path / "stock")
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        expected = model(x).last_hidden_state
+        for folder in ("ours", "stock"):
+            loaded, description = load_backbone(tmp_path / folder)
+            assert str(tmp_path / folder) in description
+            torch.testing.assert_close(loaded(x).last_hidden_state, expected, rtol=0, atol=1e-5)
+        torch.save(meta_state_dict(), tmp_path / "meta.pth")
+        loaded, description = load_backbone(tmp_path / "meta.pth")
+        assert description.endswith("(meta)")
+        torch.testing.assert_close(loaded(x).last_hidden_state, from_meta(meta_state_dict())(x).last_hidden_state)
+    random_model, description = load_backbone(None, preset="tiny")
+    assert description == "random tiny" and not random_model.training
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_backbone(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a Meta checkpoint"):
+        load_backbone(tmp_path / "notes.txt")

@@ -104,29 +104,14 @@ def _load_image(name: str):
     raise FileNotFoundError(f"Image {name!r} is neither a file nor a built-in sample (china.jpg, flower.jpg).")
 
 
-def _load_model(path: str | None, preset: str):
-    from . import Dinov2HFConfig, Dinov2HFModel
-    from .modeling.convert import from_transformers
-
-    if path is None:
-        return Dinov2HFModel(Dinov2HFConfig.from_preset(preset)).eval(), f"random {preset}"
-    folder = Path(path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json; pass a checkpoint folder.")
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type == "dinov2_hf":
-        return Dinov2HFModel.from_pretrained(folder).eval(), str(folder)
-    return from_transformers(folder), f"{folder} ({model_type})"
-
-
 def run_demo(args: argparse.Namespace) -> dict:
     import torch
 
     from .modeling import dinov2_image_processor
+    from .modeling.loading import load_backbone
 
     image = _load_image(args.image)
-    model, description = _load_model(args.model, args.preset)
+    model, description = load_backbone(args.model, args.preset)
     processor = dinov2_image_processor()
     pixel_values = processor(image, return_tensors="pt")["pixel_values"]
     start = time.perf_counter()

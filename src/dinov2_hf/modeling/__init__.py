@@ -2,6 +2,7 @@
 
 from .configuration_dinov2_hf import PRESETS, Dinov2HFConfig
 from .modeling_dinov2_hf import Dinov2HFBackbone, Dinov2HFModel, Dinov2HFModelOutput, Dinov2HFPreTrainedModel
+from .loading import load_backbone
 from .processor import dinov2_image_processor
 
 __all__ = [
@@ -12,4 +13,5 @@ __all__ = [
     "Dinov2HFModelOutput",
     "Dinov2HFPreTrainedModel",
     "dinov2_image_processor",
+    "load_backbone",
 ]

@@ -1,0 +1,44 @@
+"""Load any backbone we understand as our ``Dinov2HFModel``: our folders, stock transformers, Meta .pth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .configuration_dinov2_hf import Dinov2HFConfig
+from .modeling_dinov2_hf import Dinov2HFModel
+
+
+def load_backbone(source: str | Path | None = None, preset: str = "vits14") -> tuple[Dinov2HFModel, str]:
+    """The backbone in eval mode and a short description of where it came from.
+
+    ``source`` is one of: ``None`` (a randomly initialised ``preset``), a folder saved by us
+    (model_type ``dinov2_hf``), a stock transformers ``dinov2`` / ``dinov2_with_registers`` folder,
+    a Meta ``.pth`` file, or a Hub model id of either format (read from the local cache when
+    ``HF_HUB_OFFLINE=1``).
+    """
+    from .convert import from_meta, from_transformers
+
+    if source is None:
+        return Dinov2HFModel(Dinov2HFConfig.from_preset(preset)).eval(), f"random {preset}"
+    path = Path(source)
+    if path.is_file():
+        if path.suffix not in (".pth", ".pt"):
+            raise ValueError(f"{path} is a file but not a Meta checkpoint (.pth); pass a checkpoint folder or a .pth file.")
+        return from_meta(path), f"{path} (meta)"
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path} has no config.json; pass a checkpoint folder.")
+        model_type = json.loads(config_file.read_text()).get("model_type")
+        if model_type == Dinov2HFConfig.model_type:
+            return Dinov2HFModel.from_pretrained(path).eval(), str(path)
+        return from_transformers(path), f"{path} ({model_type})"
+    if str(source).startswith((".", "/")) or str(source).count("/") > 1:
+        raise FileNotFoundError(f"{source} does not exist: pass a checkpoint folder, a Meta .pth file or a Hub model id.")
+    from huggingface_hub import snapshot_download
+
+    # A Hub id: fetched (or read from the cache when offline), then loaded like a local folder.
+    folder = snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.py"])
+    model, _ = load_backbone(folder)
+    return model, str(source)
