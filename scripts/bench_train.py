@@ -1,12 +1,13 @@
 """Training-step throughput: our DINOv2 step vs a naive step built on stock transformers Dinov2Model.
 
     python scripts/bench_train.py --out benchmarks/bench_train_cpu.json                 # tiny ViT on CPU
-    python scripts/bench_train.py --device cuda --models vits14 vitb14 vitl14 --batch 64  # on a GPU
+    python scripts/bench_train.py --device cuda --models vits14 vitb14 vitl14 --batch 64 --compile  # on a GPU
 
 Both run the same objective (SSLMetaArch: heads, DINO + iBOT + KoLeo, AdamW, EMA) on the same
 batch. "ours": our backbone, one packed student pass over 2 global + 8 local crops, one head pass.
 "naive": stock transformers Dinov2Model for student and teacher, one student pass per crop size.
-On CUDA both use bf16 autocast; MFU counts the backbone matmul FLOPs (6 x params x tokens for
+"ours_compiled" (--compile): ours with every block torch.compiled, as ``train.compile=true`` runs it.
+On CUDA all use bf16 autocast; MFU counts the backbone matmul FLOPs (6 x params x tokens for
 student fwd+bwd, 2 x params x tokens for the teacher) over the GPU's dense bf16 peak (--peak-tflops).
 """
 
@@ -111,6 +112,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also measure ours with block-wise torch.compile (train.compile=true)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -123,11 +125,14 @@ def main() -> None:
     results = []
     for preset in presets:
         row = {"model": f"{preset}{' (tiny: width 96, 4 blocks, patch 8, 64/32 px crops)' if tiny else ''}", "images": batch_size}
-        for impl in ("naive", "ours"):
+        for impl in ("naive", "ours") + (("ours_compiled",) if args.compile else ()):
             arch = make_arch(preset, crops, naive=impl == "naive", device=args.device, tiny=tiny)
+            if impl == "ours_compiled":
+                torch._dynamo.reset()  # each model compiles from a clean cache
+                arch.compile_blocks()
             patch = arch.teacher["backbone"].config.patch_size
             batch = fake_batch(crops, batch_size, patch, args.device)
-            seconds = measure(arch, batch, steps, warmup=2, device=args.device)
+            seconds = measure(arch, batch, steps, warmup=3 if impl == "ours_compiled" else 2, device=args.device)
             row[f"{impl}_img_per_s"] = round(batch_size / seconds, 2)
             if args.device == "cuda":
                 params = sum(p.numel() for p in arch.student["backbone"].parameters())
@@ -139,6 +144,8 @@ def main() -> None:
             if args.device == "cuda":
                 torch.cuda.empty_cache()
         row["speedup"] = round(row["ours_img_per_s"] / row["naive_img_per_s"], 3)
+        if args.compile:
+            row["speedup_compiled"] = round(row["ours_compiled_img_per_s"] / row["naive_img_per_s"], 3)
         results.append(row)
         print(json.dumps(row), flush=True)
     document = {"benchmark": "bench_train", "device": args.device, "torch": torch.__version__, "threads": args.threads, "results": results}

@@ -18,6 +18,44 @@ if [ "${RUN_SSL:-1}" = 1 ] && [ -d .gpu_data ]; then
     --out "$OUT/gpu_ssl_check.json" >"$OUT/gpu_ssl_check.log" 2>&1
   echo "ssl check exit $?"; tail -n 4 "$OUT/gpu_ssl_check.log"
 fi
+if [ "${RUN_SWEEP:-0}" = 1 ] && [ -d .gpu_data ]; then
+  # Short-run stability study: recipe variants of the cifar10 recipe side by side on one GPU.
+  variants=(
+    "base:"
+    "ls0.1:model.layerscale_value=0.1"
+    "ls1:model.layerscale_value=1.0"
+    "nobias:dino.head_mlp_bias=false"
+    "ls1_sk:model.layerscale_value=1.0 centering=sinkhorn_knopp"
+    "warm5:schedule.warmup_epochs=5"
+  )
+  for variant in "${variants[@]}"; do
+    name=${variant%%:*}; overrides=${variant#*:}
+    [ -n "${SWEEP_ONLY:-}" ] && [[ " $SWEEP_ONLY " != *" $name "* ]] && continue
+    timeout "${SWEEP_TIMEOUT:-280}" python3 scripts/gpu_ssl_check.py --data .gpu_data --steps "${SWEEP_STEPS:-2000}" \
+      --batch-size 128 --workers "${SWEEP_WORKERS:-2}" --knn-every 500 --knn-images 10000 --override $overrides \
+      --out "$OUT/sweep_$name.json" >"$OUT/sweep_$name.log" 2>&1 &
+  done
+  wait
+  python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+for log in sorted(pathlib.Path(sys.argv[1]).glob("sweep_*.log")):
+    rows = []
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if "step" in record:
+            rows.append(f"{record['step']}:{record['dino_local_crops_loss']:.2f}/{record['teacher_entropy']:.3f}" + (f"/knn{record['knn_top1']:.3f}" if "knn_top1" in record else ""))
+        elif "knn_top1_final" in record:
+            rows.append(f"init {record['knn_top1_init']:.3f} final {record['knn_top1_final']:.3f} {record['img_per_s']} img/s")
+    print(log.stem, " ".join(rows[::2] + rows[-1:]))
+PY
+fi
+if [ "${RUN_TRAIN:-0}" = 1 ]; then
+  timeout "${TRAIN_TIMEOUT:-240}" python3 scripts/bench_train.py --device cuda --models ${TRAIN_MODELS:-vits14 vitb14 vitl14} --batch 64 \
+    --steps 10 --compile --out "$OUT/bench_train_gpu.json" 2>&1 | tail -n 6
+fi
 if [ "${RUN_DATA:-1}" = 1 ]; then
   timeout "${DATA_TIMEOUT:-90}" python3 scripts/bench_data.py --device cuda --workers "${DATA_WORKERS:-8}" --count 2048 --batch-size 64 \
     --out "$OUT/bench_data_gpu.json" 2>&1 | tail -n 12

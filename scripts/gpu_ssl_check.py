@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--override", nargs="*", default=[], help="recipe overrides, key=value")
+    parser.add_argument("--knn-every", type=int, default=0, help="also measure kNN every N steps (0: start and end only)")
+    parser.add_argument("--knn-images", type=int, default=0, help="use the first N train and N/2 test images for kNN (0: all)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -99,8 +101,15 @@ def main() -> None:
     )
     device = args.device
     arch = SSLMetaArch(config).to(device).train()
-    initial_knn = knn_accuracy(embed(arch.teacher["backbone"], train_images, device), train_labels,
-                               embed(arch.teacher["backbone"], test_images, device), test_labels)
+    n_train = args.knn_images or len(train_images)
+    n_test = args.knn_images // 2 or len(test_images)
+
+    def teacher_knn() -> float:
+        backbone = arch.teacher["backbone"]
+        return knn_accuracy(embed(backbone, train_images[:n_train], device), train_labels[:n_train],
+                            embed(backbone, test_images[:n_test], device), test_labels[:n_test])
+
+    initial_knn = teacher_knn()
     photometric = BatchedPhotometric(blur=config.crops.blur)
     optimizer = torch.optim.AdamW(param_groups(arch.student, config.optim.layerwise_decay, config.optim.patch_embed_lr_mult),
                                   betas=(config.optim.adamw_beta1, config.optim.adamw_beta2))
@@ -113,17 +122,18 @@ def main() -> None:
             out = training_step(arch, optimizer, batch, schedules, step, config.optim.clip_grad, autocast_dtype=dtype)
             if step % max(args.steps // 20, 1) == 0 or step == args.steps - 1:
                 record = {"step": step, **{k: round(v, 4) for k, v in out.items()}}
+                if args.knn_every and step and step % args.knn_every == 0:
+                    record["knn_top1"] = teacher_knn()
                 history.append(record)
                 print(json.dumps(record), flush=True)
             step += 1
             if step >= args.steps:
                 break
     seconds = time.perf_counter() - start
-    final_knn = knn_accuracy(embed(arch.teacher["backbone"], train_images, device), train_labels,
-                             embed(arch.teacher["backbone"], test_images, device), test_labels)
+    final_knn = teacher_knn()
     report = {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "steps": args.steps, "batch_size": args.batch_size, "train_images": len(train_images),
+        "steps": args.steps, "batch_size": args.batch_size, "train_images": len(train_images), "overrides": args.override,
         "seconds": round(seconds, 1), "img_per_s": round(args.steps * args.batch_size / seconds, 1),
         "knn_top1_init": initial_knn, "knn_top1_final": final_knn, "history": history,
     }

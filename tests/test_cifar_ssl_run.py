@@ -1,8 +1,11 @@
-"""A short CPU run of the DINOv2 objective on CIFAR-10 with a tiny ViT.
+"""A short CPU run of the DINOv2 objective on CIFAR-10 with a tiny ViT (the cifar10 recipe, shrunk).
 
-At this length the DINO and iBOT terms do not get past their near-uniform start (see the issue notes),
-so this checks what a short run must get right: finite losses, features that spread (KoLeo), and
-health metrics that are in range and flag the degenerate start.
+The recipe starts LayerScale at 0.1: with the official 1e-5 every CLS token is the same at
+initialisation, which the health metrics flag and which locks small-batch runs into the flat
+collapse (measured on a GPU, see the recipe). This checks what a short run must get right: distinct
+features from the first step, finite losses, a total loss that drops while the student learns the
+teacher's targets, features that spread (KoLeo), and health metrics in range. Sixty steps are too
+few for better features; the GPU sweep in benchmarks/ measures those.
 """
 
 import itertools
@@ -37,9 +40,9 @@ OVERRIDES = [
 ]
 
 
-def test_short_cifar_run_is_finite_and_spreads_features(cifar_dir):
+def run(cifar_dir, steps: int | None = None, overrides: tuple[str, ...] = ()) -> list[dict]:
     torch.manual_seed(0)
-    config = load_recipe("cifar10", OVERRIDES)
+    config = load_recipe("cifar10", OVERRIDES + list(overrides))
     batch_size = config.train.batch_size_per_device
     stream = load_dataset("parquet", data_files=str(cifar_dir / "train-00000-of-00005.parquet"), split="train", streaming=True)
     geometry = MultiCropGeometry(config.crops, seed=0)
@@ -51,16 +54,28 @@ def test_short_cifar_run_is_finite_and_spreads_features(cifar_dir):
     schedules = build_schedules(config.schedule, batch_size)
     images = (row["image"].convert("RGB") for row in stream)
     history = []
-    total_steps = config.schedule.epochs * config.schedule.epoch_length
-    for step in range(total_steps):
+    for step in range(steps or config.schedule.epochs * config.schedule.epoch_length):
         batch = collate([geometry(image) for image in itertools.islice(images, batch_size)])
         batch = augment_batch(batch, photometric, "cpu")
         history.append(training_step(arch, optimizer, batch, schedules, step, config.optim.clip_grad))
+    return history
+
+
+def test_official_layerscale_init_starts_degenerate(cifar_dir):
+    """LayerScale 1e-5: all CLS tokens equal at step 0, and the collapse flag says so."""
+    first = run(cifar_dir, steps=1, overrides=("model.layerscale_value=1e-5",))[0]
+    assert first["cls_std"] < 0.01 and first["collapse"] == 1.0
+
+
+def test_short_cifar_run_trains_and_stays_in_range(cifar_dir):
+    history = run(cifar_dir)
     losses = [h["loss"] for h in history]
     assert all(math.isfinite(v) for v in losses)
-    # At initialisation LayerScale (1e-5) makes every CLS token the same: the monitor says so ...
-    assert history[0]["cls_std"] < 0.01 and history[0]["collapse"] == 1.0
-    # ... and training spreads the features (KoLeo, then the augmentation-invariance objectives).
+    # The recipe's LayerScale 0.1: distinct features and no collapse flag from the first step ...
+    assert history[0]["cls_std"] > 0.1 and history[0]["collapse"] == 0.0
+    # ... the student learns the teacher's targets (the total loss drops during warm-up) ...
+    assert min(losses[1:15]) < 0.8 * losses[0]
+    # ... and the features spread (KoLeo).
     assert history[-1]["cls_std"] > 0.5
     assert history[-1]["koleo_loss"] < history[0]["koleo_loss"] / 5
     for record in history:

@@ -301,3 +301,46 @@ def test_all_loss_terms_match_an_independent_transcription_of_the_official_step(
     torch.testing.assert_close(out["dino_global_crops_loss"], global_, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["koleo_loss"], 0.1 * koleo, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["ibot_loss"], ibot, rtol=1e-5, atol=1e-6)
+
+
+def test_head_mlp_bias_option():
+    """head_mlp_bias=false builds bias-free head MLPs (student and teacher); the default keeps them."""
+    default = SSLMetaArch(tiny_config(ibot=IbotSettings(separate_head=True, head_n_prototypes=48)))
+    assert any(name.endswith("mlp.0.bias") for name, _ in default.student["ibot_head"].named_parameters())
+    arch = SSLMetaArch(
+        tiny_config(
+            dino=DinoSettings(head_n_prototypes=64, head_hidden_dim=32, head_bottleneck_dim=16, head_mlp_bias=False),
+            ibot=IbotSettings(separate_head=True, head_n_prototypes=48, head_mlp_bias=False),
+        )
+    )
+    for part in (arch.student, arch.teacher):
+        for head in ("dino_head", "ibot_head"):
+            assert not [name for name, _ in part[head].named_parameters() if name.endswith("bias")]
+
+
+def test_compiled_blocks_give_the_eager_losses_and_gradients():
+    """compile_blocks (train.compile=true) changes speed, not the step: same losses and gradients.
+
+    Dynamo's "aot_eager" backend traces and partitions the blocks like inductor does, without a C++
+    build, so the check stays fast on a CPU.
+    """
+    config = tiny_config()
+    batch = fake_batch(config)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        arch = SSLMetaArch(config).train()
+        if compiled:
+            torch._dynamo.reset()
+            arch.compile_blocks(backend="aot_eager")
+        out = arch(batch, teacher_temp=0.07)
+        out["loss"].backward()
+        if compiled:  # the blocks really went through dynamo
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+        grads = {n: p.grad.clone() for n, p in arch.student.named_parameters() if p.grad is not None}
+        results.append((out["loss"].detach(), grads))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name in eager_grads:
+        torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -77,6 +77,10 @@ def test_bad_config_fails_before_any_work(tmp_path):
         load_train_config("cifar10", ["train.batch_size_per_device=big"])
     with pytest.raises(FileNotFoundError, match="neither a YAML file nor a recipe"):
         load_train_config("no-such-recipe")
+    with pytest.raises(ConfigError, match="model.layerscale_value: expected a number"):
+        load_train_config("cifar10", ["model.layerscale_value=tiny"])
+    # YAML 1.1 reads 1e-5 as a string; float fields accept it as users write it.
+    assert load_train_config("cifar10", ["model.layerscale_value=1e-5"]).model.layerscale_value == 1e-5
 
 
 def test_accelerate_launch_two_processes(cifar_dir, tmp_path):

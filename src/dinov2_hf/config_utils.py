@@ -60,6 +60,12 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
             raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
         return value
     if annotation is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-5 (no dot) as a string; users write it that way.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)

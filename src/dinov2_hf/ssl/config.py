@@ -32,6 +32,7 @@ class DinoSettings:
     head_bottleneck_dim: int = 256
     head_hidden_dim: int = 2048
     head_nlayers: int = 3
+    head_mlp_bias: bool = True
     koleo_loss_weight: float = 0.1
 
 
@@ -45,6 +46,7 @@ class IbotSettings:
     head_bottleneck_dim: int = 256
     head_hidden_dim: int = 2048
     head_nlayers: int = 3
+    head_mlp_bias: bool = True
 
 
 @dataclass

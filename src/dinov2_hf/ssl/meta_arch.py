@@ -58,11 +58,11 @@ class SSLMetaArch(nn.Module):
         dino, ibot = config.dino, config.ibot
         student = {"backbone": backbone}
         student["dino_head"] = DINOHead(
-            embed_dim, dino.head_n_prototypes, dino.head_hidden_dim, dino.head_bottleneck_dim, dino.head_nlayers
+            embed_dim, dino.head_n_prototypes, dino.head_hidden_dim, dino.head_bottleneck_dim, dino.head_nlayers, dino.head_mlp_bias
         )
         if ibot.separate_head:
             student["ibot_head"] = DINOHead(
-                embed_dim, ibot.head_n_prototypes, ibot.head_hidden_dim, ibot.head_bottleneck_dim, ibot.head_nlayers
+                embed_dim, ibot.head_n_prototypes, ibot.head_hidden_dim, ibot.head_bottleneck_dim, ibot.head_nlayers, ibot.head_mlp_bias
             )
         self.student = nn.ModuleDict(student)
         self.teacher = copy.deepcopy(self.student)
@@ -75,6 +75,20 @@ class SSLMetaArch(nn.Module):
         self.dino_loss = DINOLoss(dino.head_n_prototypes, config.student_temp, config.center_momentum)
         self.ibot_patch_loss = iBOTPatchLoss(ibot_out_dim, config.student_temp, config.center_momentum)
         self.koleo_loss = KoLeoLoss()
+
+    def compile_blocks(self, **compile_kwargs) -> "SSLMetaArch":
+        """torch.compile every transformer block of student and teacher, in place.
+
+        Block-wise rather than whole-model: the packed student pass has one token layout per step,
+        the teacher another, and each block compiles once per layout; losses and heads stay eager.
+        """
+        # Entries per block: student and teacher layouts, with and without grad, plus monitor
+        # batches; the default limit of 8 would silently fall back to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for part in (self.student, self.teacher):
+            for layer in part["backbone"].encoder.layer:
+                layer.compile(**compile_kwargs)
+        return self
 
     def train(self, mode: bool = True) -> "SSLMetaArch":
         super().train(mode)

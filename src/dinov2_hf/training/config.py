@@ -18,6 +18,7 @@ class TrainerSettings(TrainSettings):
     max_steps: int | None = None  # default: schedule.epochs * schedule.epoch_length
     num_workers: int = 2
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    compile: bool = False  # torch.compile each transformer block (worth it on GPUs; slow to start on CPU)
     save_every: int = 1000
     keep_last: int = 3
     log_every: int = 10

@@ -72,6 +72,8 @@ class Trainer:
         set_seed(train.seed)
         self.output_dir = Path(train.output_dir)
         arch = SSLMetaArch(config)
+        if train.compile:
+            arch.compile_blocks()
         optimizer = torch.optim.AdamW(
             param_groups(arch.student, config.optim.layerwise_decay, config.optim.patch_embed_lr_mult),
             betas=(config.optim.adamw_beta1, config.optim.adamw_beta2),
