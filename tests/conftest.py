@@ -31,7 +31,7 @@ SHARED_CIFAR = __import__("pathlib").Path(
 )
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cifar_dir():
     """The CIFAR-10 parquet shards; a missing copy fails under CI=true and skips elsewhere."""
     if not (SHARED_CIFAR / "test-00000-of-00001.parquet").is_file():

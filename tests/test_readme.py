@@ -33,11 +33,13 @@ def readme_cli_commands() -> list[tuple[str, list[str]]]:
     """Each ``$ dinov2-hf ...`` line of the README with the output lines shown under it."""
     commands = []
     for block in re.findall(r"```text\n(.*?)```", README, flags=re.S):
+        current = None  # output lines belong to the command above them in the same block
         for line in block.splitlines():
             if line.startswith("$ dinov2-hf "):
-                commands.append((line[2:], []))
-            elif commands:
-                commands[-1][1].append(line)
+                current = (line[2:], [])
+                commands.append(current)
+            elif current is not None:
+                current[1].append(line)
     return commands
 
 

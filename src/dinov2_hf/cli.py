@@ -77,6 +77,8 @@ def run_train(args: argparse.Namespace) -> None:
 
     config = load_train_config(args.config, args.overrides)  # fails on unknown keys before any work
     trainer = Trainer(config)
+    if trainer.accelerator.is_main_process:
+        print(f"dinov2_hf train: {trainer.describe()}; {config.total_steps} steps -> {trainer.output_dir}", flush=True)
     history = trainer.train()
     if trainer.stop_signal is not None:
         print(f"stopped by signal {trainer.stop_signal} at step {trainer.step}; checkpoint saved, rerun to resume")

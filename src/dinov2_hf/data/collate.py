@@ -65,7 +65,11 @@ class MultiCropCollator:
         masks, upperbound = stratified_masks(
             n_global_crops, self.mask_generator, self.mask_ratio_min_max, self.mask_probability, rng or self.rng
         )
-        masks = torch.from_numpy(masks)
+        return self.mask_batch(torch.from_numpy(masks), upperbound)
+
+    @staticmethod
+    def mask_batch(masks: torch.Tensor, upperbound: int) -> dict:
+        """The batch entries derived from boolean ``masks`` (n_global_crops, N)."""
         mask_indices = masks.flatten().nonzero().flatten()
         return {
             "masks": masks,

@@ -68,6 +68,7 @@ class SoftmaxCenter(nn.Module):
             return
         batch_mean = all_reduce_sum(self.pending_sum.clone()) / (self.pending_count.item() * world_size())
         self.center.mul_(self.momentum).add_(batch_mean, alpha=1 - self.momentum)
+        self.pending_sum.zero_()  # rank-local until now: cleared so all ranks hold the same buffers
         self.pending_count.zero_()
 
     @torch.no_grad()

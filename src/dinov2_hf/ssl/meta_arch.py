@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from ..losses import DINOLoss, KoLeoLoss, SoftmaxCenter, iBOTPatchLoss
 from ..modeling import Dinov2HFConfig, Dinov2HFModel
 from .config import SSLConfig
 from .heads import DINOHead
@@ -75,6 +75,17 @@ class SSLMetaArch(nn.Module):
         self.dino_loss = DINOLoss(dino.head_n_prototypes, config.student_temp, config.center_momentum)
         self.ibot_patch_loss = iBOTPatchLoss(ibot_out_dim, config.student_temp, config.center_momentum)
         self.koleo_loss = KoLeoLoss()
+
+    @torch.no_grad()
+    def apply_pending_center_updates(self) -> None:
+        """Fold every rank's pending centering statistics into the centers now (collective).
+
+        The update would happen at the next teacher pass anyway, to the same value; doing it before a
+        checkpoint makes all buffers identical across ranks, so saving rank 0's copy loses nothing.
+        """
+        for module in self.modules():
+            if isinstance(module, SoftmaxCenter):
+                module.apply_pending_update()
 
     def compile_blocks(self, **compile_kwargs) -> "SSLMetaArch":
         """torch.compile every transformer block of student and teacher, in place.
@@ -239,8 +250,9 @@ class SSLMetaArch(nn.Module):
 
     def clip_gradients(self, max_norm: float) -> dict[str, torch.Tensor]:
         """Clip each student part (backbone, heads) to ``max_norm`` separately, as the official code;
-        returns the norms before clipping."""
-        return {
-            f"grad_norm_{name}": torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
-            for name, module in self.student.items()
-        }
+        returns the norms before clipping (for FSDP2 shards: the norm over all ranks)."""
+        norms = {}
+        for name, module in self.student.items():
+            norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
+            norms[f"grad_norm_{name}"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return norms

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 COMPLETE_MARKER = "COMPLETE"
@@ -21,26 +21,40 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
 @contextlib.contextmanager
-def atomic_checkpoint(root: str | Path, step: int) -> Iterator[Path]:
+def atomic_checkpoint(
+    root: str | Path, step: int, is_main_process: bool = True, wait_for_everyone: Callable[[], None] = lambda: None
+) -> Iterator[Path]:
     """Yield a temporary folder to write checkpoint ``step`` into; on success it becomes
-    ``root/checkpoint-<step>`` (replacing an older one of the same step), on error it is removed."""
+    ``root/checkpoint-<step>`` (replacing an older one of the same step), on error it is removed.
+
+    With several processes every rank calls this (``wait_for_everyone`` is a barrier): all ranks
+    write into the same temporary folder, and the main process alone creates and renames it, after
+    every rank has finished writing.
+    """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
-    temporary = root / f".tmp-checkpoint-{step}-{uuid.uuid4().hex[:8]}"
-    temporary.mkdir()
+    temporary = root / f".tmp-checkpoint-{step}"
+    if is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True)  # left over by a crash at this very step
+        temporary.mkdir()
+    wait_for_everyone()
     try:
         yield temporary
-        (temporary / COMPLETE_MARKER).write_text(str(step))
-        if final.exists():
-            backup = root / f".old-checkpoint-{step}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, backup)
-            os.replace(temporary, final)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(temporary, final)
+        wait_for_everyone()
+        if is_main_process:
+            (temporary / COMPLETE_MARKER).write_text(str(step))
+            if final.exists():
+                backup = root / f".old-checkpoint-{step}-{uuid.uuid4().hex[:8]}"
+                os.replace(final, backup)
+                os.replace(temporary, final)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(temporary, final)
+        wait_for_everyone()
     except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
+        if is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
         raise
 
 

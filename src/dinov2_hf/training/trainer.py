@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import signal
 import threading
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from ..config_utils import to_dict
@@ -37,11 +38,15 @@ from ..eval import knn_classify
 from ..modeling.convert import export_transformers, save_ours
 from ..ssl import SSLMetaArch, build_schedules, param_groups
 from ..ssl.step import augment_batch, training_step
+from ..modeling import Dinov2HFModel
 from .checkpoint import atomic_checkpoint, latest_checkpoint, prune_checkpoints
 from .config import TrainConfig
+from .model_card import training_model_card
+from .parallel import fsdp_requested, full_root_params, full_state_dict, load_sharded, save_sharded, shard_meta_arch
 
 logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
 DATA_STREAM, STEP_STREAM = 0, 1  # the per-epoch data seeds and the per-step augmentation seeds
 
 
@@ -56,6 +61,15 @@ def _trackers(log_with: str) -> list[str] | None:
     return [name.strip() for name in log_with.split(",") if name.strip()]
 
 
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 def _seed_worker(worker_id: int) -> None:
     """Seed the crop RNG of each DataLoader worker from the loader's base seed (set per epoch)."""
     info = torch.utils.data.get_worker_info()
@@ -66,20 +80,38 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         train = config.train
+        # `accelerate launch` with a DDP or FSDP config starts torchrun processes; without an accelerator
+        # Accelerate would make each a lone process (its CPU launch flags give one process), so they
+        # become gloo ranks here. Its FSDP plugin is accelerator-only: such CPU ranks are sharded below
+        # with the same fully_shard calls.
+        cpu_ranks = _world_size() > 1 and not _has_accelerator()
+        fsdp_on_cpu = fsdp_requested() and cpu_ranks
         self.accelerator = Accelerator(
-            mixed_precision=train.mixed_precision, log_with=_trackers(train.log_with), project_dir=train.output_dir
+            mixed_precision=train.mixed_precision,
+            log_with=_trackers(train.log_with),
+            project_dir=train.output_dir,
+            cpu=cpu_ranks,
+            # DDP must not broadcast rank 0's buffers each forward: the centering buffers hold each
+            # rank's own pending batch sum until their all-reduce.
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
         set_seed(train.seed)
         self.output_dir = Path(train.output_dir)
         arch = SSLMetaArch(config)
         if train.compile:
             arch.compile_blocks()
+        self.sharded = self.accelerator.distributed_type == DistributedType.FSDP or (fsdp_on_cpu and self.accelerator.num_processes > 1)
+        if self.sharded and self.accelerator.distributed_type != DistributedType.FSDP:
+            shard_meta_arch(arch)  # before the optimizer: it must hold the sharded parameters
         optimizer = torch.optim.AdamW(
             param_groups(arch.student, config.optim.layerwise_decay, config.optim.patch_embed_lr_mult),
             betas=(config.optim.adamw_beta1, config.optim.adamw_beta2),
         )
-        # self.model may be wrapped (DDP); accelerator.unwrap_model gives the SSLMetaArch back.
-        self.model, self.optimizer = self.accelerator.prepare(arch, optimizer)
+        if self.sharded and self.accelerator.distributed_type != DistributedType.FSDP:
+            self.model, self.optimizer = arch, self.accelerator.prepare(optimizer)  # no DDP wrapper over shards
+        else:
+            # Wrapped by DDP or Accelerate's FSDP2; accelerator.unwrap_model gives the SSLMetaArch back.
+            self.model, self.optimizer = self.accelerator.prepare(arch, optimizer)
         world = self.accelerator.num_processes
         self.schedules = build_schedules(config.schedule, train.batch_size_per_device * world)
         self.collator = MultiCropCollator(
@@ -89,6 +121,15 @@ class Trainer:
         self.step, self.epoch, self.batches_in_epoch, self.skipped_images = 0, 0, 0, 0
         self.stop_signal: int | None = None
         self._last_collapse_warning = -(10**9)
+
+    def describe(self) -> str:
+        """Where the run happens, e.g. ``2 processes (MULTI_CPU, FSDP2) on cpu, mixed precision no``."""
+        accelerator = self.accelerator
+        count = accelerator.num_processes
+        where = "1 process" if count == 1 else (
+            f"{count} processes ({accelerator.distributed_type.value}, {'FSDP2' if self.sharded else 'DDP'})"
+        )
+        return f"{where} on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}"
 
     # -- data ---------------------------------------------------------------------------------------
 
@@ -177,9 +218,10 @@ class Trainer:
         pixels, labels = self._monitor_images()
         backbone = self.accelerator.unwrap_model(self.model).teacher["backbone"]
         features = []
-        for chunk in pixels.split(256):
-            with self.accelerator.autocast():
-                features.append(backbone(chunk.to(self.accelerator.device)).pooler_output.float().cpu())
+        with full_root_params(self.model):
+            for chunk in pixels.split(256):
+                with self.accelerator.autocast():
+                    features.append(backbone(chunk.to(self.accelerator.device)).pooler_output.float().cpu())
         features = torch.cat(features)
         n_train = min(self.config.monitor.train_images, len(features) - 1)
         return knn_classify(features[:n_train], labels[:n_train], features[n_train:], labels[n_train:], ks=(self.config.monitor.k,))[self.config.monitor.k]
@@ -189,10 +231,18 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         root = self.output_dir / "checkpoints"
         state = {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "skipped_images": self.skipped_images}
-        with atomic_checkpoint(root, self.step) as folder:
-            self.accelerator.save_state(str(folder))
-            (folder / TRAINER_STATE).write_text(json.dumps(state))
-        prune_checkpoints(root, self.config.train.keep_last)
+        accelerator = self.accelerator
+        accelerator.unwrap_model(self.model).apply_pending_center_updates()  # rank-local buffers -> shared
+        with atomic_checkpoint(root, self.step, accelerator.is_main_process, accelerator.wait_for_everyone) as folder:
+            if self.sharded:
+                save_sharded(folder, self.model, self.optimizer.optimizer)
+                torch.save(torch.get_rng_state(), folder / f"torch_rng_{accelerator.process_index}.pt")
+            else:
+                accelerator.save_state(str(folder))
+            if accelerator.is_main_process:
+                (folder / TRAINER_STATE).write_text(json.dumps(state))
+        if accelerator.is_main_process:
+            prune_checkpoints(root, self.config.train.keep_last)
         return root / f"checkpoint-{self.step}"
 
     def maybe_resume(self) -> None:
@@ -204,10 +254,18 @@ class Trainer:
             return
         if not (path / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE}).")
-        self.accelerator.load_state(str(path))
+        if self.sharded:
+            load_sharded(path, self.model, self.optimizer.optimizer)
+            torch.set_rng_state(torch.load(path / f"torch_rng_{self.accelerator.process_index}.pt", weights_only=True))
+        else:
+            self.accelerator.load_state(str(path))
         state = json.loads((path / TRAINER_STATE).read_text())
         self.step, self.epoch = state["step"], state["epoch"]
         self.batches_in_epoch, self.skipped_images = state["batches_in_epoch"], state["skipped_images"]
+        metrics = self.output_dir / METRICS_FILE
+        if self.accelerator.is_main_process and metrics.is_file():  # drop steps the checkpoint does not hold
+            lines = metrics.read_text().splitlines(keepends=True)
+            metrics.write_text("".join(line for line in lines if json.loads(line)["step"] < self.step))
         logger.info("Resumed from %s at step %d", path, self.step)
 
     # -- loop -----------------------------------------------------------------------------------------
@@ -224,6 +282,9 @@ class Trainer:
             signal.signal(signum, request_stop)
 
     def _log(self, record: dict, progress, images_per_second: float) -> None:
+        if self.accelerator.is_main_process:  # every step, tracker-independent: output_dir/metrics.jsonl
+            with open(self.output_dir / METRICS_FILE, "a") as file:
+                file.write(json.dumps({**record, "images_per_second": images_per_second}) + "\n")
         if self.step % self.config.train.log_every == 0 or self.step == self.config.total_steps:
             metrics = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
             self.accelerator.log({**metrics, "images_per_second": images_per_second}, step=self.step)
@@ -245,6 +306,7 @@ class Trainer:
         Exports the teacher at the end; an interrupted run saves a checkpoint and sets ``stop_signal``.
         """
         self._handle_signals()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         self.maybe_resume()
         total, history = self.config.total_steps, []
         self.accelerator.init_trackers("dinov2_hf", config={k: str(v) for k, v in to_dict(self.config).items()})
@@ -266,7 +328,8 @@ class Trainer:
                         "with a lower learning rate or bf16 instead of fp16."
                     )
                 every = self.config.monitor.every
-                if every and self.config.monitor.source and (self.step + 1) % every == 0 and self.accelerator.is_main_process:
+                # Sharded models need every rank in the feature pass; otherwise the main process alone.
+                if every and self.config.monitor.source and (self.step + 1) % every == 0 and (self.sharded or self.accelerator.is_main_process):
                     record["knn_top1"] = self.knn_monitor()
                 history.append(record)
                 self.step += 1
@@ -290,17 +353,27 @@ class Trainer:
         else:
             if self.step % self.config.train.save_every:  # the loop saved this step already otherwise
                 self.save_checkpoint()
-            self.export()
+            self.export(history[-1] if history else None)
         self.accelerator.end_training()
         return history
 
-    def export(self) -> Path:
-        """The teacher backbone in our format (heads stay in the checkpoints) and in stock transformers format."""
+    def export(self, last_record: dict | None = None) -> Path:
+        """The teacher backbone in our format (heads stay in the checkpoints) and in stock transformers
+        format, each with the image processor and a model card (recipe, data, steps, last metrics)."""
         backbone = self.accelerator.unwrap_model(self.model).teacher["backbone"]
         export_dir = self.output_dir / "export"
+        if self.sharded:  # gather the full teacher backbone (collective), then save it from rank 0
+            weights = full_state_dict(self.model, prefix="teacher.backbone.")
+            if self.accelerator.is_main_process:
+                backbone = Dinov2HFModel(backbone.config)
+                backbone.load_state_dict(weights)
         if self.accelerator.is_main_process:
             crop = self.config.crops.global_crops_size
             save_ours(backbone, export_dir / "dinov2_hf", crop_size=crop)
             export_transformers(backbone, export_dir / "transformers", crop_size=crop)
+            for export_format in ("dinov2_hf", "transformers"):
+                folder = export_dir / export_format
+                card = training_model_card(self.config, self.step, last_record, export_format, folder)
+                card.save(folder / "README.md")
         self.accelerator.wait_for_everyone()
         return export_dir

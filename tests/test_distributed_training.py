@@ -1,0 +1,100 @@
+"""Two CPU processes through `accelerate launch train.py`: DDP, and FSDP2 with the shipped FSDP config.
+
+Both average gradients over the same two ranks' data, so their loss trajectories agree; the FSDP2
+run writes sharded checkpoints, resumes from them onto the same trajectory, and exports the full
+teacher, which loads in stock transformers and equals the DDP run's export.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_trainer import write_cifar_subset
+
+ROOT = Path(__file__).resolve().parents[1]
+FSDP_CONFIG = ROOT / "examples" / "accelerate" / "fsdp2.yaml"
+DDP_CONFIG = ROOT / "examples" / "accelerate" / "ddp.yaml"
+
+
+def launch(data: Path, output: Path, max_steps: int, config_file: Path) -> subprocess.CompletedProcess:
+    launcher = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    command = [
+        launcher, "launch", "--config_file", str(config_file), "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(ROOT / "train.py"), "--config", "cifar10", f"data.source={data}", "data.shuffle_buffer=16",
+        "model.overrides.hidden_size=48", "model.overrides.num_hidden_layers=2", "model.overrides.num_attention_heads=2",
+        "model.drop_path_rate=0.0", "dino.head_n_prototypes=128", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
+        "ibot.head_n_prototypes=128", "crops.local_crops_number=2", "schedule.epochs=4", "schedule.epoch_length=2",
+        "schedule.warmup_epochs=1", "train.batch_size_per_device=8", "train.num_workers=0", "train.mixed_precision=no",
+        "train.save_every=2", f"train.max_steps={max_steps}", f"train.output_dir={output}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def losses(output: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(cifar_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distributed")
+    data = write_cifar_subset(cifar_dir, tmp / "data", rows=96)
+    results = {"ddp": launch(data, tmp / "ddp", 4, DDP_CONFIG), "fsdp": launch(data, tmp / "fsdp", 4, FSDP_CONFIG)}
+    launch(data, tmp / "fsdp_resumed", 2, FSDP_CONFIG)  # "killed" after step 2 ...
+    results["resumed"] = launch(data, tmp / "fsdp_resumed", 4, FSDP_CONFIG)  # ... and run again: resumes
+    return tmp, results
+
+
+def test_ddp_two_processes_train_and_export(runs):
+    tmp, results = runs
+    assert "step 4: loss" in results["ddp"].stdout
+    assert "2 processes (MULTI_CPU, DDP) on cpu" in results["ddp"].stdout
+    assert "2 processes (MULTI_CPU, FSDP2) on cpu" in results["fsdp"].stdout
+    assert len(losses(tmp / "ddp")) == 4
+    assert (tmp / "ddp" / "export" / "transformers" / "model.safetensors").is_file()
+
+
+def test_fsdp2_matches_ddp_step_for_step(runs):
+    tmp, _ = runs
+    fsdp, ddp = losses(tmp / "fsdp"), losses(tmp / "ddp")
+    assert len(fsdp) == 4
+    assert fsdp == pytest.approx(ddp, rel=1e-4, abs=1e-5)
+
+
+def test_fsdp2_checkpoints_are_sharded_and_resume_on_the_trajectory(runs):
+    tmp, _ = runs
+    checkpoint = tmp / "fsdp" / "checkpoints" / "checkpoint-4"
+    assert (checkpoint / "sharded" / ".metadata").is_file()
+    assert sorted(p.name for p in checkpoint.glob("torch_rng_*.pt")) == ["torch_rng_0.pt", "torch_rng_1.pt"]
+    assert losses(tmp / "fsdp_resumed") == pytest.approx(losses(tmp / "fsdp"), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["single_gpu", "ddp", "fsdp2", "fsdp2_multinode"])
+def test_example_accelerate_configs_load(name):
+    """Every shipped config parses with Accelerate's own loader (the GPU ones cannot run here)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "examples" / "accelerate" / f"{name}.yaml"))
+    assert config.mixed_precision == "bf16"
+    if name.startswith("fsdp2"):
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "Dinov2HFLayer"
+    if name == "fsdp2_multinode":
+        assert config.num_machines * 8 == config.num_processes
+        assert config.parallelism_config["parallelism_config_dp_replicate_size"] == config.num_machines
+
+
+def test_fsdp2_export_is_the_full_teacher(runs):
+    from transformers import AutoModel
+
+    tmp, _ = runs
+    fsdp = AutoModel.from_pretrained(tmp / "fsdp" / "export" / "transformers")
+    ddp = AutoModel.from_pretrained(tmp / "ddp" / "export" / "transformers")
+    assert type(fsdp).__name__ in ("Dinov2Model", "Dinov2WithRegistersModel")
+    for (name, a), (_, b) in zip(fsdp.state_dict().items(), ddp.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
