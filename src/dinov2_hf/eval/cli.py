@@ -1,0 +1,140 @@
+"""``dinov2-hf eval TASK``: the DINOv2 frozen-feature protocols from the command line.
+
+Inputs are validated (model path, dataset, columns, task options) before any weights are loaded or
+features extracted; results are printed and written as JSON (``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+CLASSIFICATION_TASKS = ("knn", "linear", "logreg")
+TASKS = CLASSIFICATION_TASKS
+
+
+def add_eval_parser(subparsers) -> None:
+    """Register the ``eval`` subcommand on the ``dinov2-hf`` parser."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a backbone on frozen features (kNN, linear probe, logistic regression)",
+        description="Frozen-feature evaluation with the DINOv2 protocols. Data: a folder of images, parquet or "
+        "webdataset shards (file, folder or glob) or a Hub dataset id, read with `datasets`.",
+    )
+    parser.add_argument("task", choices=TASKS, help="evaluation protocol")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", help="checkpoint folder (ours or stock transformers), Meta .pth or Hub id; "
+                       "default: a randomly initialised --preset (a baseline)")
+    model.add_argument("--preset", default="vits14", help="architecture when --model is not given (default vits14)")
+    model.add_argument("--seed", type=int, default=0, help="seed for random models, splits and heads (default 0)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", required=True, help="training (database) images: folder, parquet/tar file or glob, Hub id")
+    data.add_argument("--split", default="train", help="split of --dataset (default train)")
+    data.add_argument("--test-dataset", help="test (query) images; default: --dataset")
+    data.add_argument("--test-split", default="test", help="split of the test data (default test)")
+    data.add_argument("--image-column", default="image")
+    data.add_argument("--label-column", default="label")
+    data.add_argument("--max-train", type=int, help="use at most this many training images")
+    data.add_argument("--max-test", type=int, help="use at most this many test images")
+    run = parser.add_argument_group("features")
+    run.add_argument("--batch-size", type=int, default=64)
+    run.add_argument("--resize-size", type=int, default=256, help="shortest edge before the center crop (default 256)")
+    run.add_argument("--crop-size", type=int, default=224, help="center crop (default 224)")
+    run.add_argument("--device", help="default: cuda when available, else cpu (bf16 autocast on cuda)")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    task = parser.add_argument_group("task options")
+    task.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200], help="knn: k values")
+    task.add_argument("--temperature", type=float, default=0.07, help="knn: vote temperature")
+    task.add_argument("--epochs", type=int, default=10, help="linear: epochs over the training features")
+    task.add_argument("--val-fraction", type=float, default=0.1, help="linear/logreg: validation split of the training set")
+    task.add_argument("--c-values", type=float, nargs="+", help="logreg: C sweep (default 1e-6..1e5, 12 values)")
+    parser.add_argument("--output", default="results.json", help="JSON results file (default results.json)")
+    parser.set_defaults(func=run_eval)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Fail on bad arguments before anything is loaded."""
+    from ..data.sources import load_image_stream
+
+    if args.model and args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists():
+        raise FileNotFoundError(f"--model {args.model} does not exist: pass a checkpoint folder, a Meta .pth file or a Hub id.")
+    for flag in ("max_train", "max_test", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer; got {value}.")
+    if args.crop_size > args.resize_size:
+        raise ValueError(f"--crop-size {args.crop_size} is larger than --resize-size {args.resize_size}.")
+    for test in (False, True):
+        settings = _settings(args, test)
+        if args.task in CLASSIFICATION_TASKS and not settings.label_column:
+            raise ValueError(f"{args.task} needs labels: pass the label column of {settings.source!r} (--label-column).")
+        load_image_stream(settings)  # cheap: opens the stream and checks that the files and columns exist
+
+
+def _settings(args: argparse.Namespace, test: bool):
+    from ..data.sources import DataSettings
+
+    return DataSettings(
+        source=(args.test_dataset or args.dataset) if test else args.dataset,
+        split=args.test_split if test else args.split,
+        image_column=args.image_column,
+        label_column=args.label_column or None,
+    )
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    """Run one evaluation task from parsed arguments; prints the metrics and writes ``args.output``."""
+    import torch
+
+    from ..modeling.loading import load_backbone
+    from ..modeling.processor import dinov2_image_processor
+    from .features import dataset_features
+    from .results import write_results
+
+    _check_args(args)
+    torch.manual_seed(args.seed)  # a random --preset baseline is the same model every run
+    model, description = load_backbone(args.model, args.preset)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    processor = dinov2_image_processor(crop_size=args.crop_size, resize_size=args.resize_size)
+    common = dict(processor=processor, batch_size=args.batch_size, device=device, progress=not args.no_progress,
+                  n_last_blocks=4 if args.task == "linear" else 1)
+    train = dataset_features(model, _settings(args, test=False), max_images=args.max_train, **common)
+    test = dataset_features(model, _settings(args, test=True), max_images=args.max_test, **common)
+    metrics = _run_task(args, train, test)
+    record = write_results(
+        args.output, args.task, metrics, model=description,
+        dataset={"train": f"{args.dataset} [{args.split}]", "test": f"{args.test_dataset or args.dataset} [{args.test_split}]",
+                 "train_images": len(train), "test_images": len(test), "skipped_images": train.skipped + test.skipped},
+        preprocessing={"resize": args.resize_size, "crop": args.crop_size},
+    )
+    print(f"{args.task} on {len(train)} train / {len(test)} test images, model {description}")
+    for key, value in _headline(args.task, metrics).items():
+        print(f"  {key}: {value:.4f}")
+    if args.task == "linear":
+        print(f"  best head: {metrics['best']['head']}")
+    print(f"results written to {args.output}")
+    return record
+
+
+def _run_task(args: argparse.Namespace, train, test) -> dict:
+    from .knn import knn_classify
+    from .linear import C_VALUES, linear_probe, logistic_regression
+
+    if args.task == "knn":
+        accuracy = knn_classify(train.cls, train.labels, test.cls, test.labels, ks=args.ks, temperature=args.temperature)
+        return {f"top1_k{k}": value for k, value in accuracy.items()}
+    if args.task == "linear":
+        return linear_probe(train, test, epochs=args.epochs, val_fraction=args.val_fraction, seed=args.seed)
+    return logistic_regression(train.cls, train.labels, test.cls, test.labels, c_values=args.c_values or C_VALUES,
+                               val_fraction=args.val_fraction, seed=args.seed)
+
+
+def _headline(task: str, metrics: dict) -> dict[str, float]:
+    """The numbers worth printing (the JSON file holds everything)."""
+    if task == "knn":
+        return metrics
+    if task == "linear":
+        return {"top1": metrics["top1"], "val_top1": metrics["best"]["val_top1"]}
+    if task == "logreg":
+        return {"top1": metrics["top1"], "best_c": metrics["best_c"]}
+    return {k: v for k, v in metrics.items() if isinstance(v, float)}

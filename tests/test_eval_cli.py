@@ -1,0 +1,71 @@
+"""``dinov2-hf eval`` on a converted stock-transformers checkpoint, and its input checks."""
+
+import itertools
+import json
+
+import pytest
+import torch
+from conftest import randomize_
+
+from dinov2_hf import Dinov2HFConfig, Dinov2HFModel
+from dinov2_hf.cli import main
+from dinov2_hf.data.sources import DataSettings, load_image_stream
+from dinov2_hf.eval.features import labelled_images
+from dinov2_hf.eval.knn import knn_classify
+from dinov2_hf.modeling.convert import export_transformers
+from dinov2_hf.modeling.processor import dinov2_image_processor
+
+TRAIN = "train-00000-of-00005.parquet"
+TEST = "test-00000-of-00001.parquet"
+
+
+def test_eval_knn_on_an_exported_transformers_checkpoint(tmp_path, cifar_dir, tiny_kwargs):
+    from transformers import Dinov2Model
+
+    model = randomize_(Dinov2HFModel(Dinov2HFConfig(**tiny_kwargs)), std=0.05)
+    export_transformers(model, tmp_path / "stock")
+    output = tmp_path / "knn.json"
+    code = main(["eval", "knn", "--model", str(tmp_path / "stock"), "--dataset", str(cifar_dir / TRAIN),
+                 "--test-dataset", str(cifar_dir / TEST), "--max-train", "120", "--max-test", "40", "--ks", "5", "20",
+                 "--resize-size", "64", "--crop-size", "56", "--batch-size", "50", "--no-progress", "--output", str(output)])
+    assert code == 0
+    record = json.loads(output.read_text())
+    assert record["dataset"]["train_images"] == 120 and record["dataset"]["test_images"] == 40
+    # Reference: stock transformers' own Dinov2Model on the same images, same preprocessing.
+    stock = Dinov2Model.from_pretrained(tmp_path / "stock").eval()
+    processor = dinov2_image_processor(crop_size=56, resize_size=64)
+
+    def stock_features(name, n):
+        stream = load_image_stream(DataSettings(source=str(cifar_dir / name), split=name.split("-")[0], label_column="label", shuffle_buffer=0))
+        pairs = list(itertools.islice(labelled_images(stream, "image", "label", {"skipped": 0}), n))
+        with torch.no_grad():
+            cls = stock(processor([p for p, _ in pairs], return_tensors="pt")["pixel_values"]).pooler_output
+        return cls, torch.tensor([label for _, label in pairs])
+
+    train, train_labels = stock_features(TRAIN, 120)
+    test, test_labels = stock_features(TEST, 40)
+    expected = knn_classify(train, train_labels, test, test_labels, ks=(5, 20))
+    assert record["metrics"] == pytest.approx({f"top1_k{k}": v for k, v in expected.items()})
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "./missing-folder"], "does not exist"),
+    (["--label-column", "nope"], "label_column='nope' is not a column"),
+    (["--label-column", ""], "needs labels"),
+    (["--max-train", "0"], "--max-train must be a positive integer"),
+    (["--crop-size", "300"], "larger than --resize-size"),
+])
+def test_bad_arguments_fail_early_with_a_clear_message(tmp_path, capsys, cifar_dir, extra, message):
+    args = ["eval", "knn", "--dataset", str(cifar_dir / TRAIN), "--test-dataset", str(cifar_dir / TEST),
+            "--output", str(tmp_path / "r.json"), *extra]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_missing_dataset_and_unknown_task(tmp_path, capsys):
+    assert main(["eval", "knn", "--dataset", str(tmp_path / "nowhere"), "--output", str(tmp_path / "r.json")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "segmentaton", "--dataset", "x"])
+    assert "invalid choice: 'segmentaton'" in capsys.readouterr().err
