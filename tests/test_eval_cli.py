@@ -69,3 +69,37 @@ def test_missing_dataset_and_unknown_task(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "segmentaton", "--dataset", "x"])
     assert "invalid choice: 'segmentaton'" in capsys.readouterr().err
+
+
+def test_eval_retrieval_and_copy_detection(tmp_path, cifar_dir, tiny_kwargs):
+    from dinov2_hf.modeling.convert import save_ours
+
+    # LayerScale 0.5 (not 1e-5): a fresh init's blocks barely touch the tokens, so all CLS would be nearly equal.
+    torch.manual_seed(0)
+    save_ours(Dinov2HFModel(Dinov2HFConfig(**tiny_kwargs)), tmp_path / "model")
+    # Queries are the first 8 database images themselves: each one's own entry must come first (mAP 1),
+    # unless it is marked junk, in which case the next positive is what counts.
+    ground_truth = [{"ok": [i], "junk": []} for i in range(8)]
+    ground_truth[0] = {"ok": [0, 30], "junk": []}
+    (tmp_path / "gnd.json").write_text(json.dumps(ground_truth))
+    common = ["--model", str(tmp_path / "model"), "--dataset", str(cifar_dir / TEST), "--split", "test", "--no-progress",
+              "--resize-size", "64", "--crop-size", "56"]
+    args = ["eval", "retrieval", *common, "--max-train", "60", "--max-test", "8", "--ap", "standard",
+            "--ground-truth", str(tmp_path / "gnd.json"), "--output", str(tmp_path / "retrieval.json")]
+    assert main(args) == 0
+    record = json.loads((tmp_path / "retrieval.json").read_text())
+    # query 0: itself at rank 0, image 30 somewhere at rank r: AP = (1 + 2/(r+1)) / 2 < 1; all others: AP 1
+    assert 7 / 8 < record["metrics"]["map"] < 1.0
+    assert main(["eval", "copydetect", *common, "--max-train", "100", "--num-queries", "20",
+                 "--output", str(tmp_path / "copy.json")]) == 0
+    metrics = json.loads((tmp_path / "copy.json").read_text())["metrics"]
+    assert set(metrics) == {"map", "recall@1", "recall@10"} and metrics["recall@10"] >= metrics["recall@1"] > 1 / 100
+
+
+def test_retrieval_needs_a_ground_truth_file(tmp_path, capsys, cifar_dir):
+    args = ["eval", "retrieval", "--dataset", str(cifar_dir / TEST), "--output", str(tmp_path / "r.json")]
+    assert main(args) == 2
+    assert "needs --ground-truth FILE" in capsys.readouterr().err
+    (tmp_path / "gnd.json").write_text('{"easy": []}')
+    assert main([*args, "--ground-truth", str(tmp_path / "gnd.json")]) == 2
+    assert "expected a JSON list" in capsys.readouterr().err

@@ -7,17 +7,19 @@ features extracted; results are printed and written as JSON (``--output``).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 CLASSIFICATION_TASKS = ("knn", "linear", "logreg")
-TASKS = CLASSIFICATION_TASKS
+RETRIEVAL_TASKS = ("retrieval", "copydetect")
+TASKS = CLASSIFICATION_TASKS + RETRIEVAL_TASKS
 
 
 def add_eval_parser(subparsers) -> None:
     """Register the ``eval`` subcommand on the ``dinov2-hf`` parser."""
     parser = subparsers.add_parser(
         "eval",
-        help="evaluate a backbone on frozen features (kNN, linear probe, logistic regression)",
+        help="evaluate a backbone on frozen features (kNN, linear probe, logistic regression, retrieval, copy detection)",
         description="Frozen-feature evaluation with the DINOv2 protocols. Data: a folder of images, parquet or "
         "webdataset shards (file, folder or glob) or a Hub dataset id, read with `datasets`.",
     )
@@ -48,6 +50,10 @@ def add_eval_parser(subparsers) -> None:
     task.add_argument("--epochs", type=int, default=10, help="linear: epochs over the training features")
     task.add_argument("--val-fraction", type=float, default=0.1, help="linear/logreg: validation split of the training set")
     task.add_argument("--c-values", type=float, nargs="+", help="logreg: C sweep (default 1e-6..1e5, 12 values)")
+    task.add_argument("--ground-truth", help="retrieval: JSON list, one entry per query: {easy, hard, junk} or {ok, junk} "
+                      "database indices")
+    task.add_argument("--ap", choices=["oxford", "standard"], default="oxford", help="retrieval: AP definition (default oxford)")
+    task.add_argument("--num-queries", type=int, help="copydetect: augmented copies used as queries (default: 1000 or the database size)")
     parser.add_argument("--output", default="results.json", help="JSON results file (default results.json)")
     parser.set_defaults(func=run_eval)
 
@@ -64,7 +70,15 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer; got {value}.")
     if args.crop_size > args.resize_size:
         raise ValueError(f"--crop-size {args.crop_size} is larger than --resize-size {args.resize_size}.")
-    for test in (False, True):
+    if args.task == "retrieval":
+        if not args.ground_truth or not Path(args.ground_truth).is_file():
+            raise FileNotFoundError(f"retrieval needs --ground-truth FILE (JSON, one entry per query); got {args.ground_truth!r}.")
+        ground_truth = json.loads(Path(args.ground_truth).read_text())
+        if not isinstance(ground_truth, list) or not all(isinstance(g, dict) for g in ground_truth):
+            raise ValueError(f"{args.ground_truth}: expected a JSON list of {{\"easy\", \"hard\", \"junk\"}} or {{\"ok\", \"junk\"}} objects.")
+    if args.task == "copydetect" and None not in (args.max_train, args.num_queries) and args.num_queries > args.max_train:
+        raise ValueError(f"--num-queries {args.num_queries} exceeds the database size --max-train {args.max_train}.")
+    for test in (False, True) if args.task != "copydetect" else (False,):
         settings = _settings(args, test)
         if args.task in CLASSIFICATION_TASKS and not settings.label_column:
             raise ValueError(f"{args.task} needs labels: pass the label column of {settings.source!r} (--label-column).")
@@ -78,7 +92,7 @@ def _settings(args: argparse.Namespace, test: bool):
         source=(args.test_dataset or args.dataset) if test else args.dataset,
         split=args.test_split if test else args.split,
         image_column=args.image_column,
-        label_column=args.label_column or None,
+        label_column=(args.label_column or None) if args.task in CLASSIFICATION_TASKS else None,
     )
 
 
@@ -98,16 +112,21 @@ def run_eval(args: argparse.Namespace) -> dict:
     processor = dinov2_image_processor(crop_size=args.crop_size, resize_size=args.resize_size)
     common = dict(processor=processor, batch_size=args.batch_size, device=device, progress=not args.no_progress,
                   n_last_blocks=4 if args.task == "linear" else 1)
-    train = dataset_features(model, _settings(args, test=False), max_images=args.max_train, **common)
-    test = dataset_features(model, _settings(args, test=True), max_images=args.max_test, **common)
-    metrics = _run_task(args, train, test)
+    if args.task == "copydetect":
+        metrics, counts = _copy_detection(args, model, common)
+    else:
+        train = dataset_features(model, _settings(args, test=False), max_images=args.max_train,
+                                 require_labels=args.task in CLASSIFICATION_TASKS, **common)
+        test = dataset_features(model, _settings(args, test=True), max_images=args.max_test,
+                                require_labels=args.task in CLASSIFICATION_TASKS, **common)
+        metrics = _run_task(args, train, test)
+        counts = {"train_images": len(train), "test_images": len(test), "skipped_images": train.skipped + test.skipped}
     record = write_results(
         args.output, args.task, metrics, model=description,
-        dataset={"train": f"{args.dataset} [{args.split}]", "test": f"{args.test_dataset or args.dataset} [{args.test_split}]",
-                 "train_images": len(train), "test_images": len(test), "skipped_images": train.skipped + test.skipped},
+        dataset={"train": f"{args.dataset} [{args.split}]", "test": f"{args.test_dataset or args.dataset} [{args.test_split}]", **counts},
         preprocessing={"resize": args.resize_size, "crop": args.crop_size},
     )
-    print(f"{args.task} on {len(train)} train / {len(test)} test images, model {description}")
+    print(f"{args.task} on {counts['train_images']} train / {counts['test_images']} test images, model {description}")
     for key, value in _headline(args.task, metrics).items():
         print(f"  {key}: {value:.4f}")
     if args.task == "linear":
@@ -116,9 +135,35 @@ def run_eval(args: argparse.Namespace) -> dict:
     return record
 
 
+def _copy_detection(args: argparse.Namespace, model, common: dict) -> tuple[dict, dict]:
+    """Database: the --dataset images; queries: strongly augmented copies of --num-queries of them."""
+    import itertools
+
+    from ..data.sources import load_image_stream
+    from .features import extract_features, labelled_images
+    from .retrieval import copy_detection_metrics, make_copy_queries
+
+    counter = {"skipped": 0}
+    pairs = labelled_images(load_image_stream(_settings(args, test=False)), args.image_column, None, counter)
+    images = [image for image, _ in itertools.islice(pairs, args.max_train)]
+    num_queries = args.num_queries or min(1000, len(images))
+    if num_queries > len(images):
+        raise ValueError(f"--num-queries {num_queries} exceeds the {len(images)} database images; lower it.")
+    queries, sources = make_copy_queries(images, num_queries, seed=args.seed)
+    database = extract_features(model, [(image, None) for image in images], description="database", **common)
+    copies = extract_features(model, [(image, None) for image in queries], description="copies", **common)
+    counts = {"train_images": len(images), "test_images": len(queries), "skipped_images": counter["skipped"]}
+    return copy_detection_metrics(copies.cls, database.cls, sources), counts
+
+
 def _run_task(args: argparse.Namespace, train, test) -> dict:
     from .knn import knn_classify
     from .linear import C_VALUES, linear_probe, logistic_regression
+    from .retrieval import cosine_ranking, mean_average_precision
+
+    if args.task == "retrieval":
+        ground_truth = json.loads(Path(args.ground_truth).read_text())
+        return mean_average_precision(cosine_ranking(test.cls, train.cls), ground_truth, mode=args.ap)
 
     if args.task == "knn":
         accuracy = knn_classify(train.cls, train.labels, test.cls, test.labels, ks=args.ks, temperature=args.temperature)
