@@ -70,11 +70,11 @@ def linear_world(n, seed, dim=12, grid=6, scale=7):
 def test_heads_recover_a_known_linear_solution():
     train_maps, train_masks, train_depth = linear_world(64, 0)
     test_maps, test_masks, test_depth = linear_world(16, 1)
-    settings = HeadTraining(epochs=60, lr=5e-2, batch_size=16)
-    seg = train_segmentation_head(train_maps, train_masks, num_classes=4, settings=settings)
+    # cross-entropy keeps sharpening a separable solution: a high lr gets there in few steps
+    seg = train_segmentation_head(train_maps, train_masks, num_classes=4, settings=HeadTraining(epochs=60, lr=0.3))
     scores = segmentation_metrics(predict(seg, test_maps, test_masks.shape[-2:]), test_masks, 4)
-    assert scores["miou"] > 0.9 and scores["pixel_accuracy"] > 0.95, scores
-    depth = train_depth_head(train_maps, train_depth, settings=settings)
+    assert scores["miou"] > 0.95 and scores["pixel_accuracy"] > 0.98, scores
+    depth = train_depth_head(train_maps, train_depth, settings=HeadTraining(epochs=60, lr=5e-2))
     scores = depth_metrics(predict(depth, test_maps, test_depth.shape[-2:]), test_depth)
     assert scores["rmse"] < 0.05 * test_depth.std().item() and scores["delta1"] > 0.99, scores
 
