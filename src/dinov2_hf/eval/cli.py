@@ -55,6 +55,9 @@ def add_eval_parser(subparsers) -> None:
     task.add_argument("--ap", choices=["oxford", "standard"], default="oxford", help="retrieval: AP definition (default oxford)")
     task.add_argument("--num-queries", type=int, help="copydetect: augmented copies used as queries (default: 1000 or the database size)")
     parser.add_argument("--output", default="results.json", help="JSON results file (default results.json)")
+    parser.add_argument("--model-card", help="also add the headline metrics to this model card's model-index "
+                        "(e.g. MODEL_DIR/README.md; created if missing)")
+    parser.add_argument("--dataset-name", help="dataset name for the model-index (default: the --dataset path)")
     parser.set_defaults(func=run_eval)
 
 
@@ -132,6 +135,11 @@ def run_eval(args: argparse.Namespace) -> dict:
     if args.task == "linear":
         print(f"  best head: {metrics['best']['head']}")
     print(f"results written to {args.output}")
+    if args.model_card:
+        from .results import update_model_card
+
+        update_model_card(args.model_card, [record], model_name=description, dataset_name=args.dataset_name)
+        print(f"model-index updated in {args.model_card}")
     return record
 
 
