@@ -103,3 +103,68 @@ def test_retrieval_needs_a_ground_truth_file(tmp_path, capsys, cifar_dir):
     (tmp_path / "gnd.json").write_text('{"easy": []}')
     assert main([*args, "--ground-truth", str(tmp_path / "gnd.json")]) == 2
     assert "expected a JSON list" in capsys.readouterr().err
+
+
+def write_pasted_parquet(folder, cifar_dir, n_train=24, n_test=8):
+    """A dense dataset as users have them: image + mask PNG columns and a float depth column, in parquet shards."""
+    import io
+
+    import datasets
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    from dinov2_hf.eval.dense import pasted_objects
+
+    stream = load_image_stream(DataSettings(source=str(cifar_dir / TEST), split="test", label_column="label", shuffle_buffer=0))
+    objects = list(itertools.islice(labelled_images(stream, "image", "label", {"skipped": 0}), n_train + n_test))
+    backgrounds = [Image.fromarray(load_sample_image(name)) for name in ("china.jpg", "flower.jpg")]
+    images, masks, depths = pasted_objects(objects, backgrounds, size=112, seed=0)
+    features = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image(),
+                                  "depth_map": datasets.Sequence(datasets.Sequence(datasets.Value("float32")))})
+    for split, rows in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
+        data = {"image": images[rows], "annotation": [Image.fromarray((m > 0).numpy().astype("uint8"), mode="L") for m in masks[rows]],
+                "depth_map": [d.tolist() for d in depths[rows]]}
+        datasets.Dataset.from_dict(data, features=features).to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
+    return masks, depths
+
+
+def test_eval_segmentation_depth_and_figures(tmp_path, cifar_dir, tiny_kwargs):
+    from dinov2_hf.modeling.convert import save_ours
+
+    data = tmp_path / "pasted"
+    data.mkdir()
+    write_pasted_parquet(data, cifar_dir)
+    torch.manual_seed(0)
+    save_ours(Dinov2HFModel(Dinov2HFConfig(**tiny_kwargs)), tmp_path / "model")
+    common = ["--model", str(tmp_path / "model"), "--crop-size", "112", "--resize-size", "112", "--epochs", "2"]
+    train, test = str(data / "train-00000-of-00001.parquet"), str(data / "test-00000-of-00001.parquet")
+    assert main(["eval", "segmentation", *common, "--dataset", train, "--test-dataset", test, "--num-classes", "2",
+                 "--output", str(tmp_path / "seg.json"), "--model-card", str(tmp_path / "model" / "README.md"),
+                 "--dataset-name", "pasted-cifar"]) == 0
+    seg = json.loads((tmp_path / "seg.json").read_text())
+    assert seg["dataset"]["train_images"] == 24 and seg["dataset"]["test_images"] == 8
+    assert 0 <= seg["metrics"]["miou"] <= 1 and len(seg["metrics"]["per_class_iou"]) == 2
+    assert main(["eval", "depth", *common, "--dataset", train, "--test-dataset", test, "--output", str(tmp_path / "depth.json"),
+                 "--model-card", str(tmp_path / "model" / "README.md"), "--dataset-name", "pasted-cifar"]) == 0
+    depth = json.loads((tmp_path / "depth.json").read_text())["metrics"]
+    assert depth["rmse"] > 0 and 0 <= depth["delta1"] <= 1
+    from huggingface_hub import ModelCard
+
+    names = {e.metric_name for e in ModelCard.load(tmp_path / "model" / "README.md").data.eval_results}
+    assert names == {"mIoU", "RMSE", "delta<1.25"}
+    assert main(["eval", "visualize", *common, "--images", "china.jpg", "flower.jpg", "--output-dir", str(tmp_path / "figs"),
+                 "--output", str(tmp_path / "figs.json")]) == 0
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [
+        "attention_000.png", "attention_001.png", "matches_000_001.png", "pca_000.png", "pca_001.png"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mask-column", "seg"], "--mask-column 'seg' is not a column"),
+    ([], "needs --num-classes"),
+])
+def test_segmentation_arguments_are_checked(tmp_path, capsys, cifar_dir, extra, message):
+    args = ["eval", "segmentation", "--dataset", str(cifar_dir / TEST), "--split", "test", "--output", str(tmp_path / "r.json"), *extra]
+    if "--num-classes" not in extra and extra:
+        args += ["--num-classes", "3"]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err

@@ -12,14 +12,15 @@ from pathlib import Path
 
 CLASSIFICATION_TASKS = ("knn", "linear", "logreg")
 RETRIEVAL_TASKS = ("retrieval", "copydetect")
-TASKS = CLASSIFICATION_TASKS + RETRIEVAL_TASKS
+DENSE_TASKS = ("segmentation", "depth")
+TASKS = CLASSIFICATION_TASKS + RETRIEVAL_TASKS + DENSE_TASKS + ("visualize",)
 
 
 def add_eval_parser(subparsers) -> None:
     """Register the ``eval`` subcommand on the ``dinov2-hf`` parser."""
     parser = subparsers.add_parser(
         "eval",
-        help="evaluate a backbone on frozen features (kNN, linear probe, logistic regression, retrieval, copy detection)",
+        help="evaluate a backbone on frozen features (kNN, linear, logreg, retrieval, copy detection, segmentation, depth, figures)",
         description="Frozen-feature evaluation with the DINOv2 protocols. Data: a folder of images, parquet or "
         "webdataset shards (file, folder or glob) or a Hub dataset id, read with `datasets`.",
     )
@@ -30,7 +31,7 @@ def add_eval_parser(subparsers) -> None:
     model.add_argument("--preset", default="vits14", help="architecture when --model is not given (default vits14)")
     model.add_argument("--seed", type=int, default=0, help="seed for random models, splits and heads (default 0)")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", required=True, help="training (database) images: folder, parquet/tar file or glob, Hub id")
+    data.add_argument("--dataset", help="training (database) images: folder, parquet/tar file or glob, Hub id")
     data.add_argument("--split", default="train", help="split of --dataset (default train)")
     data.add_argument("--test-dataset", help="test (query) images; default: --dataset")
     data.add_argument("--test-split", default="test", help="split of the test data (default test)")
@@ -47,12 +48,21 @@ def add_eval_parser(subparsers) -> None:
     task = parser.add_argument_group("task options")
     task.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200], help="knn: k values")
     task.add_argument("--temperature", type=float, default=0.07, help="knn: vote temperature")
-    task.add_argument("--epochs", type=int, default=10, help="linear: epochs over the training features")
+    task.add_argument("--epochs", type=int, default=10, help="linear, segmentation, depth: epochs of head training")
     task.add_argument("--val-fraction", type=float, default=0.1, help="linear/logreg: validation split of the training set")
     task.add_argument("--c-values", type=float, nargs="+", help="logreg: C sweep (default 1e-6..1e5, 12 values)")
     task.add_argument("--ground-truth", help="retrieval: JSON list, one entry per query: {easy, hard, junk} or {ok, junk} "
                       "database indices")
     task.add_argument("--ap", choices=["oxford", "standard"], default="oxford", help="retrieval: AP definition (default oxford)")
+    task.add_argument("--mask-column", default="annotation", help="segmentation: class-index map column (default annotation)")
+    task.add_argument("--num-classes", type=int, help="segmentation: number of classes (required)")
+    task.add_argument("--reduce-zero-label", action="store_true", help="segmentation: class 0 is 'other' (ignored), as ADE20K")
+    task.add_argument("--depth-column", default="depth_map", help="depth: depth map column (default depth_map)")
+    task.add_argument("--depth-scale", type=float, default=1.0, help="depth: divide stored depths by this (1000 for mm PNGs)")
+    task.add_argument("--lr", type=float, default=1e-2, help="segmentation/depth: head learning rate (AdamW)")
+    task.add_argument("--images", nargs="+", default=["china.jpg", "flower.jpg"],
+                      help="visualize: image files or built-in samples (china.jpg, flower.jpg)")
+    task.add_argument("--output-dir", default="figures", help="visualize: folder for the PNGs (default figures)")
     task.add_argument("--num-queries", type=int, help="copydetect: augmented copies used as queries (default: 1000 or the database size)")
     parser.add_argument("--output", default="results.json", help="JSON results file (default results.json)")
     parser.add_argument("--model-card", help="also add the headline metrics to this model card's model-index "
@@ -73,6 +83,16 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer; got {value}.")
     if args.crop_size > args.resize_size:
         raise ValueError(f"--crop-size {args.crop_size} is larger than --resize-size {args.resize_size}.")
+    if args.task == "visualize":
+        from ..cli import _load_image
+
+        for name in args.images:
+            _load_image(name)  # raises FileNotFoundError naming the image
+        return
+    if not args.dataset:
+        raise ValueError(f"{args.task} needs --dataset (a folder, parquet/tar file or glob, or Hub dataset id).")
+    if args.task == "segmentation" and not args.num_classes:
+        raise ValueError("segmentation needs --num-classes (e.g. 150 for ADE20K with --reduce-zero-label).")
     if args.task == "retrieval":
         if not args.ground_truth or not Path(args.ground_truth).is_file():
             raise FileNotFoundError(f"retrieval needs --ground-truth FILE (JSON, one entry per query); got {args.ground_truth!r}.")
@@ -85,7 +105,11 @@ def _check_args(args: argparse.Namespace) -> None:
         settings = _settings(args, test)
         if args.task in CLASSIFICATION_TASKS and not settings.label_column:
             raise ValueError(f"{args.task} needs labels: pass the label column of {settings.source!r} (--label-column).")
-        load_image_stream(settings)  # cheap: opens the stream and checks that the files and columns exist
+        stream = load_image_stream(settings)  # cheap: opens the stream and checks that the files and columns exist
+        if args.task in DENSE_TASKS:
+            flag, column = ("--mask-column", args.mask_column) if args.task == "segmentation" else ("--depth-column", args.depth_column)
+            if stream.column_names and column not in stream.column_names:
+                raise ValueError(f"{flag} {column!r} is not a column of {settings.source!r}; columns: {stream.column_names}.")
 
 
 def _settings(args: argparse.Namespace, test: bool):
@@ -115,7 +139,11 @@ def run_eval(args: argparse.Namespace) -> dict:
     processor = dinov2_image_processor(crop_size=args.crop_size, resize_size=args.resize_size)
     common = dict(processor=processor, batch_size=args.batch_size, device=device, progress=not args.no_progress,
                   n_last_blocks=4 if args.task == "linear" else 1)
-    if args.task == "copydetect":
+    if args.task == "visualize":
+        return _visualize(args, model, description)
+    if args.task in DENSE_TASKS:
+        metrics, counts = _dense(args, model, device)
+    elif args.task == "copydetect":
         metrics, counts = _copy_detection(args, model, common)
     else:
         train = dataset_features(model, _settings(args, test=False), max_images=args.max_train,
@@ -141,6 +169,47 @@ def run_eval(args: argparse.Namespace) -> dict:
         update_model_card(args.model_card, [record], model_name=description, dataset_name=args.dataset_name)
         print(f"model-index updated in {args.model_card}")
     return record
+
+
+def _visualize(args: argparse.Namespace, model, description: str) -> dict:
+    from ..cli import _load_image
+    from .visualize import save_figures
+
+    written = save_figures(model, [_load_image(name) for name in args.images], args.output_dir, size=args.crop_size)
+    record = {"task": "visualize", "model": description, "images": args.images,
+              "figures": {kind: [str(path) for path in paths] for kind, paths in written.items()}}
+    Path(args.output).write_text(json.dumps(record, indent=2))
+    print(f"visualize {len(args.images)} images, model {description}")
+    for kind, paths in written.items():
+        print(f"  {kind}: {', '.join(path.name for path in paths) or '-'}")
+    print(f"figures written to {args.output_dir}")
+    return record
+
+
+def _dense(args: argparse.Namespace, model, device: str) -> tuple[dict, dict]:
+    """Linear segmentation / depth head on the last block's patch tokens of square-resized images."""
+    from ..data.sources import load_image_stream
+    from .dense import (HeadTraining, depth_metrics, load_dense_split, patch_feature_maps, predict, segmentation_metrics,
+                        to_pixel_values, train_depth_head, train_segmentation_head)
+
+    kind, column = ("mask", args.mask_column) if args.task == "segmentation" else ("depth", args.depth_column)
+    splits = {}
+    for test in (False, True):
+        settings = _settings(args, test)
+        images, targets = load_dense_split(load_image_stream(settings), args.image_column, column, kind, args.crop_size,
+                                           args.max_test if test else args.max_train, args.depth_scale, args.reduce_zero_label)
+        maps = patch_feature_maps(model.to(device), to_pixel_values(images, args.crop_size).to(device), args.batch_size)
+        splits["test" if test else "train"] = (maps, targets)
+    training = HeadTraining(epochs=args.epochs, lr=args.lr, seed=args.seed)
+    (train_maps, train_targets), (test_maps, test_targets) = splits["train"], splits["test"]
+    size = tuple(test_targets.shape[-2:])
+    if args.task == "segmentation":
+        head = train_segmentation_head(train_maps, train_targets, args.num_classes, training)
+        metrics = segmentation_metrics(predict(head, test_maps, size), test_targets, args.num_classes)
+    else:
+        head = train_depth_head(train_maps, train_targets, training)
+        metrics = depth_metrics(predict(head, test_maps, size), test_targets)
+    return metrics, {"train_images": len(train_maps), "test_images": len(test_maps), "skipped_images": 0}
 
 
 def _copy_detection(args: argparse.Namespace, model, common: dict) -> tuple[dict, dict]:
@@ -190,4 +259,6 @@ def _headline(task: str, metrics: dict) -> dict[str, float]:
         return {"top1": metrics["top1"], "val_top1": metrics["best"]["val_top1"]}
     if task == "logreg":
         return {"top1": metrics["top1"], "best_c": metrics["best_c"]}
+    if task == "segmentation":
+        return {"miou": metrics["miou"], "pixel_accuracy": metrics["pixel_accuracy"]}
     return {k: v for k, v in metrics.items() if isinstance(v, float)}

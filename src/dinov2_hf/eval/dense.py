@@ -186,3 +186,60 @@ def pasted_objects(
         depths[i] = plane
         depths[i, y : y + extent, x : x + extent] = 1 + (label % 5) / 4
     return images, masks, depths
+
+
+def decode_target(value, kind: str, size: int, depth_scale: float = 1.0) -> torch.Tensor:
+    """A (size, size) class map (``kind="mask"``) or depth map (``kind="depth"``) from a dataset cell.
+
+    The cell holds an image (bytes / path / PIL: palette or 8/16-bit PNG), or an array / nested list.
+    Resizing is nearest-neighbour for both (bilinear would invent classes and blend invalid zeros).
+    ``depth_scale`` divides depth values (e.g. 1000 for millimetre PNGs).
+    """
+    import io
+
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        value = Image.open(io.BytesIO(value))
+    elif isinstance(value, str):
+        value = Image.open(value)
+    if isinstance(value, Image.Image):
+        if kind == "mask" and value.mode not in ("L", "P", "I", "I;16"):
+            raise ValueError(f"segmentation masks must be single-channel class-index images; got mode {value.mode}.")
+        array = np.asarray(value)
+    else:
+        array = np.asarray(value)
+    if array.ndim != 2:
+        raise ValueError(f"a {kind} map must be 2-d (H, W); got shape {array.shape}.")
+    resized = Image.fromarray(array.astype(np.float32 if kind == "depth" else np.int32)).resize((size, size), Image.Resampling.NEAREST)
+    result = torch.from_numpy(np.asarray(resized).copy())
+    return result.float() / depth_scale if kind == "depth" else result.long()
+
+
+def load_dense_split(stream, image_column: str, target_column: str, kind: str, size: int, max_images: int | None = None,
+                     depth_scale: float = 1.0, reduce_zero_label: bool = False) -> tuple[list[Image.Image], torch.Tensor]:
+    """Images and their (n, size, size) targets from a streaming dataset (undecodable images skipped).
+
+    ``reduce_zero_label`` (ADE20K convention): class 0 ("other") becomes ignored, the others shift down by one.
+    """
+    import itertools
+
+    from ..data.decode import ImageDecodeError, open_rgb
+    from ..data.sources import image_source
+
+    images, targets = [], []
+    for example in itertools.islice(stream, max_images):
+        if target_column not in example:
+            raise ValueError(f"column {target_column!r} not found; columns: {list(example)}.")
+        try:
+            image = open_rgb(image_source(example[image_column]))
+        except ImageDecodeError:
+            continue
+        target = decode_target(example[target_column], kind, size, depth_scale)
+        if kind == "mask" and reduce_zero_label:
+            target = torch.where(target == 0, IGNORE_INDEX, target - 1)
+        images.append(image)
+        targets.append(target)
+    if not images:
+        raise ValueError("no decodable images with targets in this split.")
+    return images, torch.stack(targets)
