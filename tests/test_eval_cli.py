@@ -14,6 +14,7 @@ from dinov2_hf.eval.features import labelled_images
 from dinov2_hf.eval.knn import knn_classify
 from dinov2_hf.modeling.convert import export_transformers
 from dinov2_hf.modeling.processor import dinov2_image_processor
+from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 
 TRAIN = "train-00000-of-00005.parquet"
 TEST = "test-00000-of-00001.parquet"
@@ -118,7 +119,7 @@ def write_pasted_parquet(folder, cifar_dir, n_train=24, n_test=8):
     stream = load_image_stream(DataSettings(source=str(cifar_dir / TEST), split="test", label_column="label", shuffle_buffer=0))
     objects = list(itertools.islice(labelled_images(stream, "image", "label", {"skipped": 0}), n_train + n_test))
     backgrounds = [Image.fromarray(load_sample_image(name)) for name in ("china.jpg", "flower.jpg")]
-    images, masks, depths = pasted_objects(objects, backgrounds, size=112, seed=0)
+    images, masks, depths = pasted_objects(objects, backgrounds, size=56, object_size=(20, 36), seed=0)
     features = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image(),
                                   "depth_map": datasets.Sequence(datasets.Sequence(datasets.Value("float32")))})
     for split, rows in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
@@ -136,7 +137,7 @@ def test_eval_segmentation_depth_and_figures(tmp_path, cifar_dir, tiny_kwargs):
     write_pasted_parquet(data, cifar_dir)
     torch.manual_seed(0)
     save_ours(Dinov2HFModel(Dinov2HFConfig(**tiny_kwargs)), tmp_path / "model")
-    common = ["--model", str(tmp_path / "model"), "--crop-size", "112", "--resize-size", "112", "--epochs", "2"]
+    common = ["--model", str(tmp_path / "model"), "--crop-size", "56", "--resize-size", "56", "--epochs", "2", "--no-progress"]
     train, test = str(data / "train-00000-of-00001.parquet"), str(data / "test-00000-of-00001.parquet")
     assert main(["eval", "segmentation", *common, "--dataset", train, "--test-dataset", test, "--num-classes", "2",
                  "--output", str(tmp_path / "seg.json"), "--model-card", str(tmp_path / "model" / "README.md"),

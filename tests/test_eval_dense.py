@@ -24,6 +24,7 @@ from dinov2_hf.eval.dense import (
     train_segmentation_head,
 )
 from dinov2_hf.eval.features import labelled_images
+from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 
 
 def test_segmentation_metrics_match_sklearn():

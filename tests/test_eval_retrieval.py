@@ -18,6 +18,7 @@ from dinov2_hf.eval.retrieval import (
     mean_average_precision,
 )
 from dinov2_hf.modeling.processor import dinov2_image_processor
+from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 
 
 def test_standard_ap_equals_sklearn():
