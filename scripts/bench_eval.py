@@ -106,8 +106,8 @@ def bench_knn(n_train: int, n_test: int, dim: int, num_classes: int, device: str
     rng = np.random.RandomState(0)
     centers = rng.randn(num_classes, dim).astype(np.float32)
     train_labels, test_labels = rng.randint(0, num_classes, n_train), rng.randint(0, num_classes, n_test)
-    train = centers[train_labels] + 2 * rng.randn(n_train, dim).astype(np.float32)
-    test = centers[test_labels] + 2 * rng.randn(n_test, dim).astype(np.float32)
+    train = centers[train_labels] + 3.0 * rng.randn(n_train, dim).astype(np.float32)  # noisy enough that k matters
+    test = centers[test_labels] + 3.0 * rng.randn(n_test, dim).astype(np.float32)
     ks = (10, 20, 100, 200)
     start = time.perf_counter()
     ours = knn_classify(torch.from_numpy(train).to(device), torch.from_numpy(train_labels), torch.from_numpy(test),

@@ -108,7 +108,6 @@ def test_retrieval_needs_a_ground_truth_file(tmp_path, capsys, cifar_dir):
 
 def write_pasted_parquet(folder, cifar_dir, n_train=24, n_test=8):
     """A dense dataset as users have them: image + mask PNG columns and a float depth column, in parquet shards."""
-    import io
 
     import datasets
     from PIL import Image

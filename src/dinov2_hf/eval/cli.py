@@ -150,7 +150,7 @@ def run_eval(args: argparse.Namespace) -> dict:
                                  require_labels=args.task in CLASSIFICATION_TASKS, **common)
         test = dataset_features(model, _settings(args, test=True), max_images=args.max_test,
                                 require_labels=args.task in CLASSIFICATION_TASKS, **common)
-        metrics = _run_task(args, train, test)
+        metrics = _run_task(args, train, test, device)
         counts = {"train_images": len(train), "test_images": len(test), "skipped_images": train.skipped + test.skipped}
     record = write_results(
         args.output, args.task, metrics, model=description,
@@ -233,7 +233,7 @@ def _copy_detection(args: argparse.Namespace, model, common: dict) -> tuple[dict
     return copy_detection_metrics(copies.cls, database.cls, sources), counts
 
 
-def _run_task(args: argparse.Namespace, train, test) -> dict:
+def _run_task(args: argparse.Namespace, train, test, device: str) -> dict:
     from .knn import knn_classify
     from .linear import C_VALUES, linear_probe, logistic_regression
     from .retrieval import cosine_ranking, mean_average_precision
@@ -243,10 +243,11 @@ def _run_task(args: argparse.Namespace, train, test) -> dict:
         return mean_average_precision(cosine_ranking(test.cls, train.cls), ground_truth, mode=args.ap)
 
     if args.task == "knn":
-        accuracy = knn_classify(train.cls, train.labels, test.cls, test.labels, ks=args.ks, temperature=args.temperature)
+        accuracy = knn_classify(train.cls, train.labels, test.cls, test.labels, ks=args.ks, temperature=args.temperature,
+                                device=device)
         return {f"top1_k{k}": value for k, value in accuracy.items()}
     if args.task == "linear":
-        return linear_probe(train, test, epochs=args.epochs, val_fraction=args.val_fraction, seed=args.seed)
+        return linear_probe(train, test, epochs=args.epochs, val_fraction=args.val_fraction, seed=args.seed, device=device)
     return logistic_regression(train.cls, train.labels, test.cls, test.labels, c_values=args.c_values or C_VALUES,
                                val_fraction=args.val_fraction, seed=args.seed)
 
