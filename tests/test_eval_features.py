@@ -50,5 +50,14 @@ def test_dataset_features_skip_and_count_bad_images(tmp_path, tiny_kwargs):
     features = dataset_features(model, settings, dinov2_image_processor(crop_size=28, resize_size=28), progress=False)
     assert len(features) == 5 and features.skipped == 1
     assert sorted(features.labels.tolist()) == [0, 0, 0, 1, 1]
+    # DataLoader workers: the same features and labels (order may interleave), the bad image still counted
+    in_workers = dataset_features(model, settings, dinov2_image_processor(crop_size=28, resize_size=28), num_workers=2,
+                                  batch_size=2, progress=False)
+    assert in_workers.skipped == 1 and len(in_workers) == 5
+
+    def rows(f):
+        return sorted(zip(f.labels.tolist(), f.cls.round(decimals=4).tolist()))
+
+    assert rows(in_workers) == rows(features)
     with pytest.raises(ValueError, match="--label-column"):
         dataset_features(model, DataSettings(source=str(tmp_path)), progress=False)

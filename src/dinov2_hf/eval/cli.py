@@ -43,6 +43,8 @@ def add_eval_parser(subparsers) -> None:
     run.add_argument("--batch-size", type=int, default=64)
     run.add_argument("--resize-size", type=int, default=256, help="shortest edge before the center crop (default 256)")
     run.add_argument("--crop-size", type=int, default=224, help="center crop (default 224)")
+    run.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding and preprocessing (default 0: "
+                     "in process; use several to feed a GPU)")
     run.add_argument("--device", help="default: cuda when available, else cpu (bf16 autocast on cuda)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     task = parser.add_argument_group("task options")
@@ -146,9 +148,9 @@ def run_eval(args: argparse.Namespace) -> dict:
     elif args.task == "copydetect":
         metrics, counts = _copy_detection(args, model, common)
     else:
-        train = dataset_features(model, _settings(args, test=False), max_images=args.max_train,
+        train = dataset_features(model, _settings(args, test=False), max_images=args.max_train, num_workers=args.num_workers,
                                  require_labels=args.task in CLASSIFICATION_TASKS, **common)
-        test = dataset_features(model, _settings(args, test=True), max_images=args.max_test,
+        test = dataset_features(model, _settings(args, test=True), max_images=args.max_test, num_workers=args.num_workers,
                                 require_labels=args.task in CLASSIFICATION_TASKS, **common)
         metrics = _run_task(args, train, test, device)
         counts = {"train_images": len(train), "test_images": len(test), "skipped_images": train.skipped + test.skipped}
