@@ -136,10 +136,25 @@ def make_copy_queries(images: Sequence[Image.Image], num_queries: int, seed: int
     return [strong_augment(images[i], rng) for i in sources], sources
 
 
-def copy_detection_metrics(query_features: torch.Tensor, database_features: torch.Tensor, sources: Sequence[int]) -> dict[str, float]:
-    """mAP (one positive per query: 1 / its rank) and recall@1 / @10 of copies against their database originals."""
-    ranking = cosine_ranking(query_features, database_features)
-    if len(sources) != len(ranking):
-        raise ValueError(f"{len(ranking)} queries but {len(sources)} source indices.")
-    ranks = np.array([np.flatnonzero(row == source)[0] for row, source in zip(ranking, sources)])
-    return {"map": float(np.mean(1.0 / (ranks + 1))), "recall@1": float(np.mean(ranks < 1)), "recall@10": float(np.mean(ranks < 10))}
+def copy_detection_metrics(
+    query_features: torch.Tensor, database_features: torch.Tensor, sources: Sequence[int], chunk_size: int = 1024
+) -> dict[str, float]:
+    """mAP (one positive per query: 1 / its rank) and recall@1 / @10 of copies against their database originals.
+
+    A query's rank is the number of database images strictly more similar than its source (no
+    full sort: memory stays at one ``chunk_size x database`` similarity block).
+    """
+    if query_features.ndim != 2 or database_features.ndim != 2 or query_features.shape[1] != database_features.shape[1]:
+        raise ValueError(f"features must be (n, dim) with the same dim; got {tuple(query_features.shape)} and {tuple(database_features.shape)}.")
+    if len(sources) != len(query_features):
+        raise ValueError(f"{len(query_features)} queries but {len(sources)} source indices.")
+    database = F.normalize(database_features.float(), dim=1)
+    sources_t = torch.as_tensor(list(sources), dtype=torch.long)
+    ranks = []
+    for start in range(0, len(query_features), chunk_size):
+        similarity = F.normalize(query_features[start : start + chunk_size].float(), dim=1) @ database.t()
+        own = similarity.gather(1, sources_t[start : start + chunk_size, None].to(similarity.device))
+        ranks.append((similarity > own).sum(1).cpu())
+    ranks = torch.cat(ranks).double()
+    return {"map": (1 / (ranks + 1)).mean().item(), "recall@1": (ranks < 1).double().mean().item(),
+            "recall@10": (ranks < 10).double().mean().item()}
