@@ -2,9 +2,9 @@ r"""Weighted k-nearest-neighbour classification on frozen features (DINO / DINOv
 
 Features are L2-normalised, similarity is the cosine, and each of the k nearest training samples
 votes for its class with weight ``exp(similarity / T)`` (T = 0.07). The search is chunked over
-test *and* training samples, keeping a running top-k, so the similarity block never exceeds
-``chunk_size x train_chunk_size``: 1M x 1024-d training features (4 GB in fp32) are searched with
-a few hundred MB on top. Several k are scored from one top-k search; runs on the features' device.
+test *and* training samples, keeping a running top-k and normalising training chunks on the fly,
+so beyond the features themselves memory is one ``chunk_size x train_chunk_size`` block: 1M x
+1024-d training features (4 GB in fp32, 2 GB if given in fp16/bf16) are searched with ~0.5 GB on top. Several k are scored from one top-k search; runs on the features' device.
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ def topk_cosine(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(similarities, indices) of the ``k`` most cosine-similar database rows for each query row.
 
-    Both inputs must already be L2-normalised; the database is scanned in chunks with a running top-k.
+    ``queries`` must be L2-normalised; the database is normalised chunk by chunk as it is scanned
+    (with a running top-k), so no normalised copy of it is ever held: memory is the database itself
+    plus one ``queries x train_chunk_size`` block.
     """
     k = min(k, len(database))
     best_sim = best_idx = None
     for start in range(0, len(database), train_chunk_size):
-        chunk = database[start : start + train_chunk_size]
+        chunk = F.normalize(database[start : start + train_chunk_size].to(queries.device, torch.float32), dim=1)
         sim, idx = (queries @ chunk.t()).topk(min(k, len(chunk)), dim=1)
         idx += start
         if best_sim is not None:
@@ -67,7 +69,7 @@ def knn_predict(
     """
     _check(train_features, train_labels, test_features)
     device = torch.device(device) if device is not None else train_features.device
-    train = F.normalize(train_features.to(device, torch.float32), dim=1)
+    train = train_features.to(device)  # normalised chunk by chunk in topk_cosine: no second copy
     train_labels = train_labels.to(device).long()
     num_classes = num_classes or int(train_labels.max().item()) + 1
     max_k = min(max(ks), len(train))
