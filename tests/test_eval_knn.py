@@ -24,7 +24,7 @@ def test_running_topk_over_train_chunks_equals_faiss_exact_search():
         np.testing.assert_array_equal(idx.numpy(), expected_idx)
         np.testing.assert_allclose(sim.numpy(), expected_sim, rtol=1e-5, atol=1e-6)
     # the database is normalised chunk by chunk: row scales do not matter
-    scaled = torch.from_numpy(database) * torch.rand(1000, 1) * 10 + 0.1
+    scaled = torch.from_numpy(database) * (torch.rand(1000, 1) * 10 + 0.1)
     sim, idx = topk_cosine(torch.from_numpy(queries), scaled, 15, 97)
     np.testing.assert_array_equal(idx.numpy(), expected_idx)
 
