@@ -64,6 +64,11 @@ def test_bad_arguments_fail_early_with_a_clear_message(tmp_path, capsys, cifar_d
     assert not (tmp_path / "r.json").exists()
 
 
+def test_local_dataset_needs_a_separate_test_set(tmp_path, capsys, cifar_dir):
+    assert main(["eval", "knn", "--dataset", str(cifar_dir / TRAIN), "--output", str(tmp_path / "r.json")]) == 2
+    assert "needs --test-dataset" in capsys.readouterr().err
+
+
 def test_missing_dataset_and_unknown_task(tmp_path, capsys):
     assert main(["eval", "knn", "--dataset", str(tmp_path / "nowhere"), "--output", str(tmp_path / "r.json")]) == 2
     assert "nowhere" in capsys.readouterr().err
@@ -163,7 +168,7 @@ def test_eval_segmentation_depth_and_figures(tmp_path, cifar_dir, tiny_kwargs):
     ([], "needs --num-classes"),
 ])
 def test_segmentation_arguments_are_checked(tmp_path, capsys, cifar_dir, extra, message):
-    args = ["eval", "segmentation", "--dataset", str(cifar_dir / TEST), "--split", "test", "--output", str(tmp_path / "r.json"), *extra]
+    args = ["eval", "segmentation", "--dataset", str(cifar_dir / TEST), "--split", "test", "--test-dataset", str(cifar_dir / TEST), "--output", str(tmp_path / "r.json"), *extra]
     if "--num-classes" not in extra and extra:
         args += ["--num-classes", "3"]
     assert main(args) == 2

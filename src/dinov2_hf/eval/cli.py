@@ -93,6 +93,11 @@ def _check_args(args: argparse.Namespace) -> None:
         return
     if not args.dataset:
         raise ValueError(f"{args.task} needs --dataset (a folder, parquet/tar file or glob, or Hub dataset id).")
+    local = Path(args.dataset).exists() or any(ch in args.dataset for ch in "*?[")
+    if local and not args.test_dataset and args.task in CLASSIFICATION_TASKS + DENSE_TASKS:
+        # Local files carry no split names: the "test" split would be the training files again.
+        raise ValueError(f"{args.task} on local files needs --test-dataset (e.g. .../test-*.parquet) besides --dataset; "
+                         "a local --dataset has no separate test split.")
     if args.task == "segmentation" and not args.num_classes:
         raise ValueError("segmentation needs --num-classes (e.g. 150 for ADE20K with --reduce-zero-label).")
     if args.task == "retrieval":
