@@ -1,4 +1,4 @@
-"""The ``dinov2-hf`` command line: ``demo``, ``train``, ``convert`` and ``export``.
+"""The ``dinov2-hf`` command line: ``demo``, ``train``, ``convert``, ``export`` and ``eval``.
 
 Each subcommand validates its inputs (files exist, formats are known) before loading any weights.
 """
@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_convert(subparsers)
     _add_export(subparsers)
+    from .eval.cli import add_eval_parser
+
+    add_eval_parser(subparsers)
     return parser
 
 

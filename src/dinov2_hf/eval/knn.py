@@ -1,9 +1,10 @@
 r"""Weighted k-nearest-neighbour classification on frozen features (DINO / DINOv2 protocol).
 
 Features are L2-normalised, similarity is the cosine, and each of the k nearest training samples
-votes for its class with weight ``exp(similarity / T)`` (T = 0.07). Test samples are processed in
-chunks so that the similarity matrix never exceeds ``chunk_size x n_train``; several k are scored
-from one top-k search.
+votes for its class with weight ``exp(similarity / T)`` (T = 0.07). The search is chunked over
+test *and* training samples, keeping a running top-k and normalising training chunks on the fly,
+so beyond the features themselves memory is one ``chunk_size x train_chunk_size`` block: 1M x
+1024-d training features (4 GB in fp32, 2 GB if given in fp16/bf16) are searched with ~0.5 GB on top. Several k are scored from one top-k search; runs on the features' device.
 """
 
 from __future__ import annotations
@@ -12,6 +13,78 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+
+def _check(train_features, train_labels, test_features, test_labels=None) -> None:
+    if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(
+            f"features must be (n, dim) with the same dim; got {tuple(train_features.shape)} and {tuple(test_features.shape)}."
+        )
+    if len(train_features) != len(train_labels) or (test_labels is not None and len(test_features) != len(test_labels)):
+        raise ValueError("each feature matrix needs one label per row.")
+    if len(train_features) == 0:
+        raise ValueError("the training set is empty.")
+
+
+@torch.no_grad()
+def topk_cosine(
+    queries: torch.Tensor, database: torch.Tensor, k: int, train_chunk_size: int = 65_536
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(similarities, indices) of the ``k`` most cosine-similar database rows for each query row.
+
+    ``queries`` must be L2-normalised; the database is normalised chunk by chunk as it is scanned
+    (with a running top-k), so no normalised copy of it is ever held: memory is the database itself
+    plus one ``queries x train_chunk_size`` block.
+    """
+    k = min(k, len(database))
+    best_sim = best_idx = None
+    for start in range(0, len(database), train_chunk_size):
+        chunk = F.normalize(database[start : start + train_chunk_size].to(queries.device, torch.float32), dim=1)
+        sim, idx = (queries @ chunk.t()).topk(min(k, len(chunk)), dim=1)
+        idx += start
+        if best_sim is not None:
+            merged = torch.cat([best_sim, sim], dim=1)
+            sim, order = merged.topk(min(k, merged.shape[1]), dim=1)
+            idx = torch.cat([best_idx, idx], dim=1).gather(1, order)
+        best_sim, best_idx = sim, idx
+    return best_sim, best_idx
+
+
+@torch.no_grad()
+def knn_predict(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+    train_chunk_size: int = 65_536,
+    device: str | torch.device | None = None,
+) -> dict[int, torch.Tensor]:
+    """Predicted class of every test row for every k in ``ks`` (k larger than the training set is clipped).
+
+    ``device`` (default: the training features' device) is where the search runs; the training
+    features are normalised there once, test features are moved chunk by chunk.
+    """
+    _check(train_features, train_labels, test_features)
+    device = torch.device(device) if device is not None else train_features.device
+    train = train_features.to(device)  # normalised chunk by chunk in topk_cosine: no second copy
+    train_labels = train_labels.to(device).long()
+    num_classes = num_classes or int(train_labels.max().item()) + 1
+    max_k = min(max(ks), len(train))
+    predictions: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
+    for start in range(0, len(test_features), chunk_size):
+        test = F.normalize(test_features[start : start + chunk_size].to(device, torch.float32), dim=1)
+        similarity, index = topk_cosine(test, train, max_k, train_chunk_size)
+        weights = (similarity / temperature).exp()
+        neighbour_labels = train_labels[index]
+        for k in ks:
+            k_eff = min(k, max_k)
+            votes = torch.zeros(len(test), num_classes, device=device)
+            votes.scatter_add_(1, neighbour_labels[:, :k_eff], weights[:, :k_eff])
+            predictions[k].append(votes.argmax(dim=1).cpu())
+    return {k: torch.cat(p) for k, p in predictions.items()}
 
 
 @torch.no_grad()
@@ -24,29 +97,14 @@ def knn_classify(
     temperature: float = 0.07,
     num_classes: int | None = None,
     chunk_size: int = 1024,
+    train_chunk_size: int = 65_536,
+    device: str | torch.device | None = None,
 ) -> dict[int, float]:
     """Top-1 accuracy for every k in ``ks`` (k larger than the training set is clipped)."""
-    if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(
-            f"features must be (n, dim) with the same dim; got {tuple(train_features.shape)} and {tuple(test_features.shape)}."
-        )
-    if len(train_features) != len(train_labels) or len(test_features) != len(test_labels):
-        raise ValueError("each feature matrix needs one label per row.")
-    device = train_features.device
-    train = F.normalize(train_features.float(), dim=1)
-    train_labels = train_labels.to(device).long()
+    _check(train_features, train_labels, test_features, test_labels)
     num_classes = num_classes or int(max(train_labels.max().item(), test_labels.max().item())) + 1
-    max_k = min(max(ks), len(train))
-    correct = {k: 0 for k in ks}
-    for start in range(0, len(test_features), chunk_size):
-        test = F.normalize(test_features[start : start + chunk_size].to(device).float(), dim=1)
-        labels = test_labels[start : start + chunk_size].to(device)
-        similarity, index = (test @ train.t()).topk(max_k, dim=1)
-        weights = (similarity / temperature).exp()
-        neighbour_labels = train_labels[index]
-        for k in ks:
-            k_eff = min(k, max_k)
-            votes = torch.zeros(len(test), num_classes, device=device)
-            votes.scatter_add_(1, neighbour_labels[:, :k_eff], weights[:, :k_eff])
-            correct[k] += (votes.argmax(dim=1) == labels).sum().item()
-    return {k: correct[k] / len(test_features) for k in ks}
+    predictions = knn_predict(
+        train_features, train_labels, test_features, ks, temperature, num_classes, chunk_size, train_chunk_size, device
+    )
+    test_labels = test_labels.cpu().long()
+    return {k: (predictions[k] == test_labels).float().mean().item() for k in ks}
