@@ -1,4 +1,4 @@
-"""The ``dinov2-hf`` command line: ``demo``, ``train``, ``convert`` and ``export``.
+"""The ``dinov2-hf`` command line: ``demo``, ``train``, ``convert``, ``export`` and ``curate``.
 
 Each subcommand validates its inputs (files exist, formats are known) before loading any weights.
 """
@@ -10,6 +10,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from .curate.cli import add_curate_parser
 
 
 def _add_demo(subparsers) -> None:
@@ -177,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_convert(subparsers)
     _add_export(subparsers)
+    add_curate_parser(subparsers)
     return parser
 
 

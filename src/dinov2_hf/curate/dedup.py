@@ -1,0 +1,97 @@
+"""Stage 2: remove exact duplicates, near-duplicates (copies) and copies of evaluation images.
+
+Exact duplicates share the hash of their encoded bytes. Near-duplicates are found as in the DINOv2
+paper's copy-detection step: the k nearest neighbours of every image (faiss), edges between pairs
+at or above a cosine threshold, connected components of that graph (scipy), one image kept per
+component. k bounds the search's work and memory, unlike a range search in a dense region.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from .config import DedupSettings, IndexSettings
+from .index import build_index, search
+
+
+def first_of_each_group(labels: np.ndarray) -> np.ndarray:
+    """Boolean mask keeping the first row of each label: the lowest position wins, deterministically."""
+    keep = np.zeros(len(labels), dtype=bool)
+    keep[np.unique(labels, return_index=True)[1]] = True
+    return keep
+
+
+def hash_labels(hashes: np.ndarray) -> np.ndarray:
+    """A group label per row such that rows share a label exactly when their hashes are equal."""
+    if len(hashes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.ascontiguousarray(hashes), axis=0, return_inverse=True)[1].reshape(-1)
+
+
+def near_duplicate_pairs(
+    vectors: np.ndarray, threshold: float, k: int = 32, index: IndexSettings | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j), i < j, with cosine(vectors[i], vectors[j]) >= threshold among each row's k neighbours,
+    and their similarities."""
+    n = len(vectors)
+    if n < 2:
+        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.float32)
+    similarities, ids = search(build_index(vectors, index, seed), vectors, k + 1, desc="dedup: neighbours")
+    rows = np.broadcast_to(np.arange(n)[:, None], ids.shape)
+    mask = (similarities >= threshold) & (ids >= 0) & (ids != rows)
+    pairs = np.stack([np.minimum(rows[mask], ids[mask]), np.maximum(rows[mask], ids[mask])], axis=1)
+    pairs, first = np.unique(pairs, axis=0, return_index=True)
+    return pairs, similarities[mask][first]
+
+
+def components(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Connected-component label of each of ``n`` rows in the graph with edges ``pairs``."""
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+@dataclass
+class DedupResult:
+    keep: np.ndarray  # boolean mask over the pool's embedded rows
+    exact: int  # removed as exact copies
+    near: int  # removed as near-duplicates
+    leaked: int  # removed as copies of evaluation images
+
+
+def deduplicate(
+    vectors: np.ndarray,
+    hashes: np.ndarray,
+    settings: DedupSettings,
+    eval_vectors: np.ndarray | None = None,
+    eval_hashes: np.ndarray | None = None,
+    index: IndexSettings | None = None,
+    seed: int = 0,
+) -> DedupResult:
+    """Which pool rows to keep: one per exact group, one per near-duplicate component, none that copy an eval image."""
+    n = len(vectors)
+    keep = np.ones(n, dtype=bool)
+    exact = near = leaked = 0
+    if settings.exact and n:
+        keep = first_of_each_group(hash_labels(hashes))
+        exact = int(n - keep.sum())
+    if settings.near and keep.sum() > 1:
+        survivors = np.flatnonzero(keep)
+        pairs, _ = near_duplicate_pairs(vectors[survivors], settings.threshold, settings.k, index, seed)
+        drop = survivors[~first_of_each_group(components(len(survivors), pairs))]
+        keep[drop] = False
+        near = len(drop)
+    if eval_vectors is not None and len(eval_vectors) and keep.any():
+        survivors = np.flatnonzero(keep)
+        leaks = np.zeros(len(survivors), dtype=bool)
+        if eval_hashes is not None and len(eval_hashes):
+            both = hash_labels(np.concatenate([eval_hashes, hashes[survivors]]))
+            leaks |= np.isin(both[len(eval_hashes) :], both[: len(eval_hashes)])
+        similarities, _ = search(build_index(eval_vectors, index, seed), vectors[survivors], 1, desc="dedup: eval sets")
+        leaks |= similarities[:, 0] >= settings.eval_threshold
+        keep[survivors[leaks]] = False
+        leaked = int(leaks.sum())
+    return DedupResult(keep=keep, exact=exact, near=near, leaked=leaked)
