@@ -18,13 +18,6 @@ from .config import DedupSettings, IndexSettings
 from .index import build_index, search
 
 
-def first_of_each_group(labels: np.ndarray) -> np.ndarray:
-    """Boolean mask keeping the first row of each label: the lowest position wins, deterministically."""
-    keep = np.zeros(len(labels), dtype=bool)
-    keep[np.unique(labels, return_index=True)[1]] = True
-    return keep
-
-
 def hash_labels(hashes: np.ndarray) -> np.ndarray:
     """A group label per row such that rows share a label exactly when their hashes are equal."""
     if len(hashes) == 0:
@@ -57,6 +50,7 @@ def components(n: int, pairs: np.ndarray) -> np.ndarray:
 @dataclass
 class DedupResult:
     keep: np.ndarray  # boolean mask over the pool's embedded rows
+    groups: np.ndarray  # duplicate group of each row: the row that was kept for it (itself when unique)
     exact: int  # removed as exact copies
     near: int  # removed as near-duplicates
     leaked: int  # removed as copies of evaluation images
@@ -74,16 +68,24 @@ def deduplicate(
     """Which pool rows to keep: one per exact group, one per near-duplicate component, none that copy an eval image."""
     n = len(vectors)
     keep = np.ones(n, dtype=bool)
+    groups = np.arange(n)
     exact = near = leaked = 0
     if settings.exact and n:
-        keep = first_of_each_group(hash_labels(hashes))
+        labels = hash_labels(hashes)
+        first = np.unique(labels, return_index=True)[1]
+        groups = first[labels]
+        keep = groups == np.arange(n)
         exact = int(n - keep.sum())
     if settings.near and keep.sum() > 1:
         survivors = np.flatnonzero(keep)
         pairs, _ = near_duplicate_pairs(vectors[survivors], settings.threshold, settings.k, index, seed)
-        drop = survivors[~first_of_each_group(components(len(survivors), pairs))]
-        keep[drop] = False
-        near = len(drop)
+        labels = components(len(survivors), pairs)
+        first = np.unique(labels, return_index=True)[1]
+        representative = np.arange(n)
+        representative[survivors] = survivors[first[labels]]
+        groups = representative[groups]  # exact copies follow the row that represented them
+        keep = groups == np.arange(n)
+        near = int(len(survivors) - keep.sum())
     if eval_vectors is not None and len(eval_vectors) and keep.any():
         survivors = np.flatnonzero(keep)
         leaks = np.zeros(len(survivors), dtype=bool)
@@ -94,4 +96,4 @@ def deduplicate(
         leaks |= similarities[:, 0] >= settings.eval_threshold
         keep[survivors[leaks]] = False
         leaked = int(leaks.sum())
-    return DedupResult(keep=keep, exact=exact, near=near, leaked=leaked)
+    return DedupResult(keep=keep, groups=groups, exact=exact, near=near, leaked=leaked)
