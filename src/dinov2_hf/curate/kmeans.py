@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
+from sklearn.cluster import kmeans_plusplus
 from tqdm.auto import tqdm
 
 
@@ -35,8 +36,17 @@ def assign(points: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.nd
 
 def kmeans(points: np.ndarray, k: int, iterations: int, seed: int, init: np.ndarray | None = None,
            max_points_per_centroid: int = 256) -> np.ndarray:
-    """faiss k-means centroids (L2), started from ``init`` when given."""
+    """faiss k-means centroids (L2), started from ``init``, else from k-means++ seeds (as ssl-data-curation).
+
+    k-means++ (scikit-learn's) spreads the initial centroids over the data; faiss's default random
+    init draws them where the data is dense, which leaves small, far concepts without a cluster.
+    It runs on a seeded subsample of ``max_points_per_centroid`` points per cluster at most.
+    """
     points = np.ascontiguousarray(points, dtype=np.float32)
+    if init is None and k > 1:
+        rng = np.random.default_rng(seed)
+        subset = points if len(points) <= 32 * k else points[rng.choice(len(points), 32 * k, replace=False)]
+        init = kmeans_plusplus(subset, k, random_state=seed, n_local_trials=1)[0]
     clustering = faiss.Kmeans(
         points.shape[1], k, niter=iterations, seed=seed, verbose=False,
         max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1,
@@ -57,8 +67,10 @@ def kmeans_with_resampling(points: np.ndarray, k: int, steps: int, sample_size: 
     if sample_size > 1:  # with one point per cluster, a resampling step would only move centroids onto points
         for step in range(steps):
             picked = first_per_group(labels, distances, np.full(k, sample_size))
-            # Started from the current centroids: every cluster holds at least one picked point.
-            centroids = kmeans(points[picked], k, iterations, seed + 1 + step, init=centroids,
+            # A fresh k-means on the picked points, as in ssl-data-curation: they hold (about) as many
+            # points per cluster, so dense regions no longer attract the centroids. Starting from the
+            # current centroids instead would be a fixed point (the r closest points average to them).
+            centroids = kmeans(points[picked], k, iterations, seed + 1 + step,
                                max_points_per_centroid=max_points_per_centroid)
             labels, distances = assign(points, centroids)
     used = np.unique(labels)
