@@ -28,16 +28,17 @@ class Counting(ThumbnailEmbedder):
 
 @pytest.fixture
 def sources(cifar_dir, tmp_path):
-    """A pool of 400 CIFAR test images + 20 exact copies + 20 copies of eval images; 30 curated seeds."""
+    """A pool of 400 CIFAR test images + 20 exact copies + 20 copies of eval images + 10 copies of
+    curated images; 30 curated seeds."""
     rows = cifar_rows(cifar_dir, "test", 3000, 500)
     pool = [r["image"]["bytes"] for r in rows[:400]]
     labels = [r["label"] for r in rows[:400]]
     evaluation = [r["image"]["bytes"] for r in rows[400:]]
-    rng = random.Random(0)
-    pool_images = pool + pool[:20] + [augmented_copy(e, rng) for e in evaluation[:20]]
-    write_images(tmp_path / "pool" / "train-00000-of-00001.parquet", pool_images, labels + labels[:20] + [-1] * 20)
-    write_images(tmp_path / "eval" / "test-00000-of-00001.parquet", evaluation)
     seeds = [r["image"]["bytes"] for r in cifar_rows(cifar_dir, "train", 0, 30)]
+    rng = random.Random(0)
+    pool_images = pool + pool[:20] + [augmented_copy(e, rng) for e in evaluation[:20]] + seeds[:5] + [augmented_copy(e, rng) for e in seeds[5:10]]
+    write_images(tmp_path / "pool" / "train-00000-of-00001.parquet", pool_images, labels + labels[:20] + [-1] * 30)
+    write_images(tmp_path / "eval" / "test-00000-of-00001.parquet", evaluation)
     write_images(tmp_path / "seeds" / "train-00000-of-00001.parquet", seeds)
     return tmp_path
 
@@ -61,8 +62,8 @@ def test_pipeline_output_streams_through_the_trainer_data_source(sources, cifar_
     result = run_curation(config, embedder)
     counts = result.counts
     print("\n", counts)
-    assert counts["pool rows"] == 440 and counts["exact duplicates removed"] == 20
-    assert counts["eval-set copies removed"] >= 18
+    assert counts["pool rows"] == 450 and counts["exact duplicates removed"] == 20
+    assert counts["eval-set copies removed"] >= 18 and counts["curated copies removed"] >= 9
     assert counts["sampled"] == 100 and counts["curated written"] == 30 and counts["written"] == 130
     assert len(result.shards) > 1  # 0.05 MB shards
 
@@ -80,6 +81,7 @@ def test_pipeline_output_streams_through_the_trainer_data_source(sources, cifar_
     written = np.array([r["position"] for r in rows if r["source"] == "pool"])
     assert not np.isin(written, np.arange(400, 420)).any()
     assert np.isin(written, np.arange(420, 440)).sum() <= 2
+    assert np.isin(written, np.arange(440, 450)).sum() <= 1  # the curated images are written themselves
     # ... and each was retrieved for a curated image (the exact neighbours: next test).
     assert {int(m["retrieved_for"]) for m in manifest if m["source"] == "pool"} <= set(range(30))
     assert counts["retrieved"] <= 30 * 8
@@ -100,7 +102,8 @@ def test_pipeline_output_streams_through_the_trainer_data_source(sources, cifar_
 
 
 def test_retrieved_images_are_true_nearest_neighbours(sources, cifar_dir):
-    config = load_curate_config(None, overrides(sources, **{"sample.target_size": 0, "dedup.near": False}))
+    config = load_curate_config(None, overrides(sources, **{"sample.target_size": 0, "dedup.near": False,
+                                                            "output.include_curated": False}))
     embedder = ThumbnailEmbedder([r["image"]["bytes"] for r in cifar_rows(cifar_dir, "train", 1000, 1000)])
     result = run_curation(config, embedder)
     pool = load_embeddings(sources / "out" / "work" / "embeddings" / "pool")

@@ -33,6 +33,7 @@ def test_readme_curate_command_runs_as_shown(tmp_path, cifar_dir):
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     printed = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in printed] == [line.split(":")[0] for line in shown]  # nothing left out
     for expected in shown:
         if expected.strip().startswith(EXACT):
             assert expected in printed, (expected, printed)

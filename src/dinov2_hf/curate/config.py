@@ -51,6 +51,7 @@ class DedupSettings:
     # 0.8 finds >= 0.9 of planted copies at >= 0.9 precision with the whitened test descriptor (tests).
     threshold: float = 0.80  # between two pool images
     k: int = 32  # neighbours searched per image: bounds the work and memory of the search
+    nprobe: int = 4  # IVF lists visited per image (large pools): a copy sits in its original's list or the next ones
     eval_threshold: float = 0.80  # between a pool image and an evaluation image (the pool image goes)
 
 
@@ -79,6 +80,7 @@ class ClusterSettings:
     resampling_steps: list[int] = field(default_factory=lambda: [1, 5, 5])
     sample_sizes: list[int] = field(default_factory=lambda: [1, 5, 3])  # points per cluster in a resampling step
     iterations: int = 20
+    max_points_per_centroid: int = 256  # k-means trains on a subsample of this many points per cluster (faiss)
 
 
 @dataclass

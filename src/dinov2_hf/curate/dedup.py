@@ -26,14 +26,15 @@ def hash_labels(hashes: np.ndarray) -> np.ndarray:
 
 
 def near_duplicate_pairs(
-    vectors: np.ndarray, threshold: float, k: int = 32, index: IndexSettings | None = None, seed: int = 0
+    vectors: np.ndarray, threshold: float, k: int = 32, index: IndexSettings | None = None, seed: int = 0,
+    nprobe: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i, j), i < j, with cosine(vectors[i], vectors[j]) >= threshold among each row's k neighbours,
     and their similarities."""
     n = len(vectors)
     if n < 2:
         return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.float32)
-    similarities, ids = search(build_index(vectors, index, seed), vectors, k + 1, desc="dedup: neighbours")
+    similarities, ids = search(build_index(vectors, index, seed, nprobe), vectors, k + 1, desc="dedup: neighbours")
     rows = np.broadcast_to(np.arange(n)[:, None], ids.shape)
     mask = (similarities >= threshold) & (ids >= 0) & (ids != rows)
     pairs = np.stack([np.minimum(rows[mask], ids[mask]), np.maximum(rows[mask], ids[mask])], axis=1)
@@ -45,6 +46,20 @@ def components(n: int, pairs: np.ndarray) -> np.ndarray:
     """Connected-component label of each of ``n`` rows in the graph with edges ``pairs``."""
     graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     return connected_components(graph, directed=False)[1]
+
+
+def copies_of(vectors: np.ndarray, hashes: np.ndarray | None, reference_vectors: np.ndarray,
+              reference_hashes: np.ndarray | None, threshold: float, index: IndexSettings | None = None,
+              seed: int = 0, desc: str = "copies", nprobe: int | None = None) -> np.ndarray:
+    """Mask of the rows that copy a reference image: the same bytes, or cosine >= ``threshold`` to the nearest one."""
+    found = np.zeros(len(vectors), dtype=bool)
+    if not len(vectors) or not len(reference_vectors):
+        return found
+    if hashes is not None and reference_hashes is not None and len(reference_hashes):
+        both = hash_labels(np.concatenate([reference_hashes, hashes]))
+        found |= np.isin(both[len(reference_hashes) :], both[: len(reference_hashes)])
+    similarities, _ = search(build_index(reference_vectors, index, seed, nprobe), vectors, 1, desc=desc)
+    return found | (similarities[:, 0] >= threshold)
 
 
 @dataclass
@@ -78,7 +93,7 @@ def deduplicate(
         exact = int(n - keep.sum())
     if settings.near and keep.sum() > 1:
         survivors = np.flatnonzero(keep)
-        pairs, _ = near_duplicate_pairs(vectors[survivors], settings.threshold, settings.k, index, seed)
+        pairs, _ = near_duplicate_pairs(vectors[survivors], settings.threshold, settings.k, index, seed, settings.nprobe)
         labels = components(len(survivors), pairs)
         first = np.unique(labels, return_index=True)[1]
         representative = np.arange(n)
@@ -88,12 +103,8 @@ def deduplicate(
         near = int(len(survivors) - keep.sum())
     if eval_vectors is not None and len(eval_vectors) and keep.any():
         survivors = np.flatnonzero(keep)
-        leaks = np.zeros(len(survivors), dtype=bool)
-        if eval_hashes is not None and len(eval_hashes):
-            both = hash_labels(np.concatenate([eval_hashes, hashes[survivors]]))
-            leaks |= np.isin(both[len(eval_hashes) :], both[: len(eval_hashes)])
-        similarities, _ = search(build_index(eval_vectors, index, seed), vectors[survivors], 1, desc="dedup: eval sets")
-        leaks |= similarities[:, 0] >= settings.eval_threshold
+        leaks = copies_of(vectors[survivors], hashes[survivors], eval_vectors, eval_hashes, settings.eval_threshold,
+                          index, seed, desc="dedup: eval sets", nprobe=settings.nprobe)
         keep[survivors[leaks]] = False
         leaked = int(leaks.sum())
     return DedupResult(keep=keep, groups=groups, exact=exact, near=near, leaked=leaked)

@@ -19,7 +19,7 @@ import torch
 
 from ..config_utils import to_dict
 from .config import CurateConfig
-from .dedup import deduplicate
+from .dedup import copies_of, deduplicate
 from .embed import BackboneEmbedder, Embeddings, embed_source, iter_rows
 from .kmeans import ClusterTree, hierarchical_kmeans
 from .retrieve import retrieve
@@ -103,6 +103,8 @@ def run_curation(config: CurateConfig, embedder: Callable | None = None) -> Cura
     curated = embed("curated", config.curated) if config.curated else None
     evals = [embed(f"eval{i}", settings) for i, settings in enumerate(config.eval_sets)]
     counts = {"pool rows": pool.rows, "pool undecodable": pool.skipped}
+    if not len(pool.vectors):
+        raise ValueError(f"pool.source={config.pool.source!r}: none of its {pool.rows} rows is a readable image.")
 
     parameters = {"embedder": signature, "pool": to_dict(config.pool), "evals": [to_dict(e) for e in config.eval_sets],
                   "dedup": to_dict(config.dedup), "index": to_dict(config.index), "seed": config.seed}
@@ -121,14 +123,24 @@ def run_curation(config: CurateConfig, embedder: Callable | None = None) -> Cura
     provenance = {}
 
     if curated is not None and len(curated.vectors) and len(candidates):
-        parameters = {**parameters, "curated": to_dict(config.curated), "retrieve": to_dict(config.retrieve)}
+        include = config.output.include_curated
+        parameters = {**parameters, "curated": to_dict(config.curated), "retrieve": to_dict(config.retrieve),
+                      "include_curated": include}
 
         def run_retrieve():
-            rows, queries, similarities = retrieve(pool.vectors[candidates], curated.vectors, config.retrieve.k,
+            # Curated images are written themselves: their copies in the pool would be duplicates.
+            copies = (copies_of(pool.vectors[candidates], pool.hashes[candidates], curated.vectors, curated.hashes,
+                                config.dedup.threshold, config.index, config.seed, desc="dedup: curated",
+                                nprobe=config.dedup.nprobe)
+                      if include else np.zeros(len(candidates), dtype=bool))
+            rest = np.flatnonzero(~copies)
+            rows, queries, similarities = retrieve(pool.vectors[candidates[rest]], curated.vectors, config.retrieve.k,
                                                    config.index, config.seed).selected()
-            return {"rows": rows, "queries": queries, "similarities": similarities}
+            return {"rows": rest[rows], "queries": queries, "similarities": similarities, "copies": np.array(copies.sum())}
 
         found = _stage(work / "retrieve.npz", parameters, run_retrieve)
+        if include:
+            counts["curated copies removed"] = int(found["copies"])
         candidates = candidates[found["rows"]]
         provenance["retrieved_for"] = curated.positions[found["queries"]]
         provenance["similarity"] = found["similarities"].astype(np.float64)
@@ -142,7 +154,8 @@ def run_curation(config: CurateConfig, embedder: Callable | None = None) -> Cura
 
         def run_cluster():
             return hierarchical_kmeans(pool.vectors[candidates], cluster.levels, cluster.resampling_steps,
-                                       cluster.sample_sizes, cluster.iterations, config.seed).to_arrays()
+                                       cluster.sample_sizes, cluster.iterations, config.seed,
+                                       cluster.max_points_per_centroid).to_arrays()
 
         tree = ClusterTree.from_arrays(_stage(work / "clusters.npz", parameters, run_cluster))
         leaf = tree.parents[0]
