@@ -8,7 +8,7 @@ import numpy as np
 from curate_helpers import ThumbnailEmbedder, augmented_copy, cifar_rows, write_images
 from PIL import Image
 
-from dinov2_hf.curate.config import DedupSettings, SourceSettings
+from dinov2_hf.curate.config import DedupSettings, IndexSettings, SourceSettings
 from dinov2_hf.curate.dedup import components, deduplicate, near_duplicate_pairs
 from dinov2_hf.curate.embed import embed_source
 
@@ -101,3 +101,28 @@ def test_pool_copies_of_eval_images_are_removed(cifar_dir, tmp_path):
     assert result.leaked == (~result.keep).sum()
     assert not result.keep[-10:].any()  # byte-identical copies always go
     assert precision >= 0.9 and recall >= 0.9
+
+
+def test_clustered_self_join_of_a_large_pool_matches_brute_force():
+    """Above 20k rows the join visits each row's nearest lists only: all lists give the exact pairs,
+    the default 4 nearly all (copies sit in their original's list or the next ones)."""
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(40, 16))
+    base = centers[rng.integers(0, 40, 20500)] + 0.8 * rng.normal(size=(20500, 16))
+    copies = base[rng.choice(20500, 800)] + 0.08 * rng.normal(size=(800, 16))
+    vectors = np.concatenate([base, copies]).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    expected = set()
+    for start in range(0, len(vectors), 2000):
+        block = vectors[start : start + 2000] @ vectors.T
+        i, j = np.nonzero(block >= 0.95)
+        expected |= {(a + start, b) for a, b in zip(i.tolist(), j.tolist()) if a + start < b}
+    index = IndexSettings(nlist=64)
+    every_list, _ = near_duplicate_pairs(vectors, 0.95, k=1000, index=index, nprobe=64)
+    default, _ = near_duplicate_pairs(vectors, 0.95, index=index)
+    found = set(map(tuple, default.tolist()))
+    print(f"\nclustered join: {len(expected)} pairs >= 0.95; default nprobe finds {len(found & expected)}, "
+          f"all lists {len(every_list)}")
+    assert len(expected) > 700
+    assert set(map(tuple, every_list.tolist())) == expected
+    assert found <= expected and len(found) >= 0.95 * len(expected)

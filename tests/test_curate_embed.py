@@ -1,8 +1,11 @@
 """The embed stage: sharded, resumable after a kill, bad images skipped and counted, no mixing of models."""
 
+import io
+
 import numpy as np
 import pytest
 from curate_helpers import cifar_rows, write_images
+from PIL import Image
 
 from dinov2_hf.config_utils import ConfigError
 from dinov2_hf.curate.config import EmbedSettings, SourceSettings
@@ -43,9 +46,10 @@ def test_killed_embed_resumes_without_recomputing_finished_shards(pool, tmp_path
     assert shards == ["shard-00000.safetensors", "shard-00001.safetensors"]
     with pytest.raises(FileNotFoundError, match="has not finished"):
         load_embeddings(tmp_path / "run")
+    (tmp_path / "run" / "shard-00002.tmp").write_bytes(b"half a shard")  # as a kill during a write leaves it
     resumed = MeanColour()
     result = embed_source(pool, resumed, tmp_path / "run", "mean-colour", shard_size=32, batch_size=16)
-    assert resumed.seen == 36 - 0  # rows 64..99: shard 2 and the last one, none of the finished shards
+    assert resumed.seen == 36  # rows 64..99 (shards 2 and 3), none of the finished shards
     assert result.rows == 100 and result.skipped == 2 and len(result.positions) == 98
     np.testing.assert_array_equal(result.positions, reference.positions)
     np.testing.assert_array_equal(result.vectors, reference.vectors)
@@ -61,14 +65,13 @@ def test_embeddings_of_another_model_are_not_mixed_in(pool, tmp_path):
         embed_source(pool, MeanColour(), tmp_path / "run", "another model", shard_size=32)
 
 
-def test_backbone_embedder_gives_normalised_cls_embeddings(cifar_dir, tiny_kwargs):
-    from PIL import Image
-    import io
-
+def test_backbone_embedder_gives_normalised_cls_embeddings(cifar_dir):
     settings = EmbedSettings(preset="tiny", overrides={"layerscale_value": 1.0}, image_size=28)
     embedder = BackboneEmbedder(settings)
+    assert embedder.model is None  # loaded on the first batch only
     images = [Image.open(io.BytesIO(r["image"]["bytes"])) for r in cifar_rows(cifar_dir, "test", 0, 4)]
     vectors = embedder(images)
+    np.testing.assert_array_equal(vectors, BackboneEmbedder(settings)(images))  # seeded random weights
     assert vectors.shape == (4, 64)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     pixels = embedder.processor(images, return_tensors="pt")["pixel_values"]

@@ -50,8 +50,8 @@ class DedupSettings:
     # Cosine similarities at or above which images count as copies. They depend on the embedding model:
     # 0.8 finds >= 0.9 of planted copies at >= 0.9 precision with the whitened test descriptor (tests).
     threshold: float = 0.80  # between two pool images
-    k: int = 32  # neighbours searched per image: bounds the work and memory of the search
-    nprobe: int = 4  # IVF lists visited per image (large pools): a copy sits in its original's list or the next ones
+    k: int = 32  # most partners kept per image and list: bounds memory in big clusters of copies
+    nprobe: int = 4  # lists visited per image (pools over 20k): a copy sits in its original's list or the next ones
     eval_threshold: float = 0.80  # between a pool image and an evaluation image (the pool image goes)
 
 
@@ -61,7 +61,7 @@ class IndexSettings:
 
     kind: Literal["auto", "flat", "ivf"] = "auto"
     ivf_min_size: int = 200_000  # "auto" switches to IVF from this many database vectors
-    nlist: int | None = None  # IVF lists; default ~4 sqrt(n)
+    nlist: int | None = None  # IVF lists (also dedup's self-join lists); default ~4 sqrt(n)
     nprobe: int = 16
 
 

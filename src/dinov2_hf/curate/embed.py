@@ -68,36 +68,45 @@ def content_hash(data: bytes) -> np.ndarray:
 
 
 class BackboneEmbedder:
-    """Batches of PIL images -> L2-normalised CLS embeddings of any backbone :func:`load_backbone` reads."""
+    """Batches of PIL images -> L2-normalised CLS embeddings of any backbone :func:`load_backbone` reads.
 
-    def __init__(self, settings: EmbedSettings) -> None:
-        from ..modeling import dinov2_image_processor
+    The model is loaded on the first batch, so a rerun whose embeddings are all done never loads it.
+    A random ``preset`` (``model: null``) is initialised from ``seed``: the same weights on every run.
+    """
+
+    def __init__(self, settings: EmbedSettings, seed: int = 0) -> None:
+        self.settings, self.seed = settings, seed
+        self.resize = settings.resize_size or round(settings.image_size * 256 / 224)
+        source = settings.model if settings.model is not None else f"random {settings.preset} {settings.overrides} seed {seed}"
+        # What makes two embedding runs comparable: a rerun with another signature must not reuse shards.
+        self.signature = f"{source} | crop {settings.image_size} resize {self.resize} | {settings.dtype}"
+        self.model = None
+
+    def load(self) -> None:
+        from ..modeling import Dinov2HFConfig, Dinov2HFModel, dinov2_image_processor
         from ..modeling.loading import load_backbone
 
+        settings = self.settings
         device = settings.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.dtype = getattr(torch, settings.dtype)
-        if settings.model is None and settings.overrides:
-            from ..modeling import Dinov2HFConfig, Dinov2HFModel
-
-            model = Dinov2HFModel(Dinov2HFConfig.from_preset(settings.preset, **settings.overrides)).eval()
-            description = f"random {settings.preset} {settings.overrides}"
+        self.device, self.dtype = torch.device(device), getattr(torch, settings.dtype)
+        if settings.model is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                model = Dinov2HFModel(Dinov2HFConfig.from_preset(settings.preset, **settings.overrides))
         else:
-            model, description = load_backbone(settings.model, settings.preset)
+            model, _ = load_backbone(settings.model, settings.preset)
         self.model = model.to(self.device, self.dtype).eval()
-        resize = settings.resize_size or round(settings.image_size * 256 / 224)
-        self.processor = dinov2_image_processor(crop_size=settings.image_size, resize_size=resize)
-        # What makes two embedding runs comparable: a rerun with another signature must not reuse shards.
-        self.signature = f"{description} | crop {settings.image_size} resize {resize} | {settings.dtype}"
-        self.dim = model.config.hidden_size
+        self.processor = dinov2_image_processor(crop_size=settings.image_size, resize_size=self.resize)
 
-    @torch.inference_mode()
     def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if self.model is None:
+            self.load()  # outside inference mode: the weights stay ordinary tensors
         pixels = self.processor(list(images), return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
-        features = self.model(pixel_values=pixels).pooler_output.float()
-        return torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
+        with torch.inference_mode():
+            features = self.model(pixel_values=pixels).pooler_output.float()
+            return torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
 
 
 @dataclass

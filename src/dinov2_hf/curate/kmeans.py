@@ -40,12 +40,14 @@ def kmeans(points: np.ndarray, k: int, iterations: int, seed: int, init: np.ndar
 
     k-means++ (scikit-learn's) spreads the initial centroids over the data; faiss's default random
     init draws them where the data is dense, which leaves small, far concepts without a cluster.
-    It runs on a seeded subsample of ``max_points_per_centroid`` points per cluster at most.
+    Seeding runs on a seeded subsample of 8 points per cluster; training on at most
+    ``max_points_per_centroid`` points per cluster (faiss subsamples).
     """
     points = np.ascontiguousarray(points, dtype=np.float32)
     if init is None and k > 1:
         rng = np.random.default_rng(seed)
-        subset = points if len(points) <= 32 * k else points[rng.choice(len(points), 32 * k, replace=False)]
+        # 8 points per cluster: enough for the seeds to reach every region; k-means++ costs O(n k d).
+        subset = points if len(points) <= 8 * k else points[rng.choice(len(points), 8 * k, replace=False)]
         init = kmeans_plusplus(subset, k, random_state=seed, n_local_trials=1)[0]
     clustering = faiss.Kmeans(
         points.shape[1], k, niter=iterations, seed=seed, verbose=False,

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from ..config_utils import to_dict
 from .config import CurateConfig
@@ -90,9 +89,7 @@ def run_curation(config: CurateConfig, embedder: Callable | None = None) -> Cura
     work = output_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     if embedder is None:
-        if config.embed.model is None:
-            torch.manual_seed(config.seed)  # a random backbone (tests, demos): the same weights on every run
-        embedder = BackboneEmbedder(config.embed)
+        embedder = BackboneEmbedder(config.embed, config.seed)
     signature = getattr(embedder, "signature", type(embedder).__name__)
 
     def embed(name: str, settings) -> Embeddings:
