@@ -136,3 +136,20 @@ def test_cli_reports_a_missing_source_before_loading_a_model(tmp_path, monkeypat
     assert "pool:" in error and "missing-folder" in error
     assert main(["curate"]) == 2
     assert "pool.source is empty" in capsys.readouterr().err
+
+
+def test_image_folder_pool_and_yaml_config(cifar_dir, tmp_path):
+    """Images read from files (the path branch of every stage), settings from a YAML file plus overrides."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    images = [r["image"]["bytes"] for r in cifar_rows(cifar_dir, "test", 5000, 40)]
+    for i, data in enumerate(images + images[:5]):  # the last 5 files repeat the first 5 byte for byte
+        (folder / f"{i:03d}.jpg").write_bytes(data)
+    (tmp_path / "curate.yaml").write_text(
+        f"pool:\n  source: {folder}\nembed:\n  shard_size: 16\noutput:\n  output_dir: {tmp_path / 'out'}\n"
+    )
+    config = load_curate_config(tmp_path / "curate.yaml", ["dedup.near=false"])
+    result = run_curation(config, ThumbnailEmbedder([r["image"]["bytes"] for r in cifar_rows(cifar_dir, "train", 0, 500)]))
+    assert result.counts["pool rows"] == 45 and result.counts["exact duplicates removed"] == 5
+    rows = list(load_image_stream(DataSettings(source=str(result.output_dir), shuffle_buffer=0)))
+    assert sorted(r["image"]["bytes"] for r in rows) == sorted(images)

@@ -135,7 +135,8 @@ def deduplicate(
     index: IndexSettings | None = None,
     seed: int = 0,
 ) -> DedupResult:
-    """Which pool rows to keep: one per exact group, one per near-duplicate component, none that copy an eval image."""
+    """Which pool rows to keep: one per exact group, one per near-duplicate component (the first row:
+    deterministic), none that copy an eval image (same bytes, or cosine >= ``settings.eval_threshold``)."""
     n = len(vectors)
     keep = np.ones(n, dtype=bool)
     groups = np.arange(n)
