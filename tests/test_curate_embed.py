@@ -77,3 +77,26 @@ def test_backbone_embedder_gives_normalised_cls_embeddings(cifar_dir):
     pixels = embedder.processor(images, return_tensors="pt")["pixel_values"]
     expected = embedder.model(pixel_values=pixels).pooler_output.detach().numpy()
     np.testing.assert_allclose(vectors, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_worker_processes_write_the_same_shards(pool, tmp_path):
+    """Two DataLoader workers (shards 0, 2 and 1, 3) give the same files as the main process alone."""
+    single = embed_source(pool, MeanColour(), tmp_path / "single", "mean-colour", shard_size=32, batch_size=16)
+    parallel = embed_source(pool, MeanColour(), tmp_path / "parallel", "mean-colour", shard_size=32, batch_size=16,
+                            num_workers=2)
+    for name in ("vectors", "positions", "hashes"):
+        np.testing.assert_array_equal(getattr(parallel, name), getattr(single, name))
+    assert (parallel.rows, parallel.skipped) == (single.rows, single.skipped) == (100, 2)
+    settings = EmbedSettings(preset="tiny", overrides={"layerscale_value": 1.0}, image_size=28)
+    backbone = embed_source(pool, BackboneEmbedder(settings), tmp_path / "backbone", "tiny", shard_size=32,
+                            batch_size=16, num_workers=2)  # preprocessing in the workers, the model in the main process
+    raw = pq_rows(pool.source)
+    direct = BackboneEmbedder(settings)([Image.open(io.BytesIO(raw[i]["bytes"])) for i in backbone.positions[:16]])
+    np.testing.assert_allclose(backbone.vectors[:16], direct, atol=1e-5)
+
+
+def pq_rows(folder):
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(sorted(__import__("pathlib").Path(folder).glob("*.parquet"))[0]).to_pylist()
+    return [r["image"] for r in rows]

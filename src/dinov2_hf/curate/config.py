@@ -36,6 +36,7 @@ class EmbedSettings:
     image_size: int = 224  # center crop
     resize_size: int | None = None  # shortest edge before the crop; default image_size * 256 / 224
     batch_size: int = 64
+    num_workers: int = 0  # DataLoader workers that decode and preprocess (0: in the main process)
     shard_size: int = 8192  # rows per embedding shard: the unit of resumption
     device: str = "auto"  # "auto": cuda when available, else cpu
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

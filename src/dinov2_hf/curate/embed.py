@@ -48,7 +48,14 @@ def iter_rows(settings: SourceSettings) -> Iterator[tuple[int, dict]]:
         raise ConfigError(f"id_column={settings.id_column!r} is not a column of {settings.source!r}; columns: {columns}.")
     if settings.limit is not None:
         stream = stream.take(settings.limit)
-    yield from enumerate(stream)
+    # Batched ``.iter`` reads the whole source even inside a DataLoader worker, where iterating the
+    # stream itself would yield only that worker's part (datasets splits it): positions stay global.
+    position = 0
+    for batch in stream.iter(batch_size=256):
+        names = list(batch)
+        for values in zip(*batch.values()):
+            yield position, dict(zip(names, values))
+            position += 1
 
 
 def encoded_bytes(value) -> bytes:
@@ -81,9 +88,12 @@ class BackboneEmbedder:
         # What makes two embedding runs comparable: a rerun with another signature must not reuse shards.
         self.signature = f"{source} | crop {settings.image_size} resize {self.resize} | {settings.dtype}"
         self.model = None
+        from ..modeling import dinov2_image_processor
+
+        self.processor = dinov2_image_processor(crop_size=settings.image_size, resize_size=self.resize)
 
     def load(self) -> None:
-        from ..modeling import Dinov2HFConfig, Dinov2HFModel, dinov2_image_processor
+        from ..modeling import Dinov2HFConfig, Dinov2HFModel
         from ..modeling.loading import load_backbone
 
         settings = self.settings
@@ -98,15 +108,21 @@ class BackboneEmbedder:
         else:
             model, _ = load_backbone(settings.model, settings.preset)
         self.model = model.to(self.device, self.dtype).eval()
-        self.processor = dinov2_image_processor(crop_size=settings.image_size, resize_size=self.resize)
 
-    def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Resize, crop, normalise: runs in the DataLoader workers."""
+        return self.processor(list(images), return_tensors="pt")["pixel_values"]
+
+    def forward(self, pixels: torch.Tensor) -> np.ndarray:
+        """L2-normalised CLS embeddings of preprocessed images: runs in the main process."""
         if self.model is None:
             self.load()  # outside inference mode: the weights stay ordinary tensors
-        pixels = self.processor(list(images), return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
         with torch.inference_mode():
-            features = self.model(pixel_values=pixels).pooler_output.float()
+            features = self.model(pixel_values=pixels.to(self.device, self.dtype)).pooler_output.float()
             return torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
+
+    def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.forward(self.preprocess(images))
 
 
 @dataclass
@@ -148,75 +164,119 @@ def embed_source(
     shard_size: int = 8192,
     batch_size: int = 64,
     desc: str = "embed",
+    num_workers: int = 0,
 ) -> Embeddings:
     """Embed ``settings``' images into ``folder``/shard-*.safetensors, skipping shards already there.
 
     ``embed`` maps a list of RGB images to an (n, d) array; ``signature`` names it (model and
-    preprocessing) so that shards from another model are never mixed in.
+    preprocessing) so that shards from another model are never mixed in. With ``num_workers`` > 0,
+    DataLoader workers decode (and, for an embedder with ``preprocess``/``forward``, preprocess).
     """
     folder = Path(folder)
     source = {k: v for k, v in to_dict(settings).items() if k not in ("label_column", "id_column")}
     _check_signature(folder, {"embedder": signature, "source": source, "shard_size": shard_size})
     if not (folder / COMPLETE).is_file():
-        _embed_missing_shards(settings, embed, folder, shard_size, batch_size, desc)
+        _embed_missing_shards(settings, embed, folder, shard_size, batch_size, desc, num_workers)
     return load_embeddings(folder)
 
 
-def _embed_missing_shards(settings, embed, folder: Path, shard_size: int, batch_size: int, desc: str) -> None:
-    done = {int(p.stem.split("-")[1]) for p in folder.glob("shard-*.safetensors")}
-    image_column = settings.image_column
-    vectors, positions, hashes, pending_images, pending = [], [], [], [], []
-    skipped, current, rows = 0, 0, 0
+class _ShardReader(torch.utils.data.IterableDataset):
+    """Decodes (and preprocesses) the rows of the shards still to embed, in batches.
 
-    def run_batch():
-        if pending_images:
-            vectors.append(np.asarray(embed(pending_images), dtype=np.float32))
-            positions.extend(p for p, _ in pending)
-            hashes.extend(h for _, h in pending)
-            pending_images.clear()
-            pending.clear()
+    DataLoader worker ``w`` of ``W`` takes the shards ``s`` with ``s % W == w``: every worker walks
+    the undecoded rows (cheap) so positions stay global, and decodes only its own shards' rows.
+    It yields ``("batch", shard, positions, hashes, images)``, ``("shard", shard, rows, skipped)``
+    when a shard is complete, and ``("end", rows)`` at the end of the source.
+    """
 
-    def flush(shard: int, end: int):
-        nonlocal vectors, positions, hashes, skipped
-        run_batch()
-        dim = vectors[0].shape[1] if vectors else 0
-        tensors = {
-            "vectors": np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32),
-            "positions": np.asarray(positions, dtype=np.int64),
-            "hashes": np.stack(hashes) if hashes else np.zeros((0, HASH_BYTES), np.uint8),
-        }
-        path = _shard_path(folder, shard)
-        temporary = path.with_suffix(".tmp")
-        save_file(tensors, str(temporary), metadata={"rows": str(end - shard * shard_size), "skipped": str(skipped)})
-        os.replace(temporary, path)  # atomic: a shard file is either complete or absent
-        vectors, positions, hashes, skipped = [], [], [], 0
+    def __init__(self, settings: SourceSettings, shard_size: int, batch_size: int, done: set[int],
+                 preprocess: Callable | None) -> None:
+        super().__init__()
+        self.settings, self.shard_size, self.batch_size = settings, shard_size, batch_size
+        self.done, self.preprocess = done, preprocess
 
-    total = settings.limit
-    with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True) as bar:
-        for position, example in iter_rows(settings):
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = lambda shard: shard % workers == worker and shard not in self.done  # noqa: E731
+        column, images, positions, hashes = self.settings.image_column, [], [], []
+        current, skipped, rows = 0, 0, 0
+
+        def batch():
+            payload = self.preprocess(images) if self.preprocess else list(images)
+            message = ("batch", current, np.asarray(positions, np.int64), np.stack(hashes), payload)
+            images.clear()
+            positions.clear()
+            hashes.clear()
+            return message
+
+        for position, example in iter_rows(self.settings):
             rows = position + 1
-            shard = position // shard_size
+            shard = position // self.shard_size
             if shard != current:
-                if current not in done:
-                    flush(current, shard * shard_size)
-                current = shard
-            bar.update(1)
-            if shard in done:
-                continue  # finished by an earlier run: not decoded, not embedded
-            data = encoded_bytes(example[image_column])
+                if mine(current):
+                    if images:
+                        yield batch()
+                    yield ("shard", current, self.shard_size, skipped)  # rows arrive in order: shard == current + 1
+                current, skipped = shard, 0
+            if not mine(shard):
+                continue  # finished by an earlier run, or another worker's: not decoded
+            data = encoded_bytes(example[column])
             try:
-                image = open_rgb(data if data else image_source(example[image_column]))
+                image = open_rgb(data if data else image_source(example[column]))
             except ImageDecodeError:
                 skipped += 1
                 continue
-            pending_images.append(image)
-            pending.append((position, content_hash(data)))
-            if len(pending_images) >= batch_size:
-                run_batch()
-            bar.set_postfix(skipped=skipped, refresh=False)
-    if rows and current not in done:
-        flush(current, rows)
+            images.append(image)
+            positions.append(position)
+            hashes.append(content_hash(data))
+            if len(images) >= self.batch_size:
+                yield batch()
+        if rows and mine(current):
+            if images:
+                yield batch()
+            yield ("shard", current, rows - current * self.shard_size, skipped)
+        yield ("end", rows)
+
+
+def _embed_missing_shards(settings, embed, folder: Path, shard_size: int, batch_size: int, desc: str,
+                          num_workers: int = 0) -> None:
+    done = {int(p.stem.split("-")[1]) for p in folder.glob("shard-*.safetensors")}
+    # An embedder with preprocess/forward (the backbone) preprocesses in the workers; others get images.
+    preprocess = getattr(embed, "preprocess", None) if hasattr(embed, "forward") else None
+    forward = embed.forward if preprocess else embed
+    reader = _ShardReader(settings, shard_size, batch_size, done, preprocess)
+    loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=num_workers)
+    parts: dict[int, list] = {}
+    rows = 0
+    with tqdm(total=settings.limit, desc=desc, unit="img", dynamic_ncols=True) as bar:
+        for message in loader:
+            if message[0] == "batch":
+                _, shard, positions, hashes, payload = message
+                parts.setdefault(shard, []).append((np.asarray(forward(payload), dtype=np.float32), positions, hashes))
+                bar.update(len(positions))
+            elif message[0] == "shard":
+                _, shard, shard_rows, skipped = message
+                _write_shard(folder, shard, parts.pop(shard, []), shard_rows, skipped)
+                bar.update(skipped)
+                bar.set_postfix(shards=shard + 1, refresh=False)
+            else:
+                rows = max(rows, message[1])
     (folder / COMPLETE).write_text(json.dumps({"rows": rows}))
+
+
+def _write_shard(folder: Path, shard: int, parts: list, rows: int, skipped: int) -> None:
+    """One shard file, written under a temporary name and renamed: it is either complete or absent."""
+    dim = parts[0][0].shape[1] if parts else 0
+    tensors = {
+        "vectors": np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, dim), np.float32),
+        "positions": np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64),
+        "hashes": np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, HASH_BYTES), np.uint8),
+    }
+    path = _shard_path(folder, shard)
+    temporary = path.with_suffix(".tmp")
+    save_file(tensors, str(temporary), metadata={"rows": str(rows), "skipped": str(skipped)})
+    os.replace(temporary, path)
 
 
 def load_embeddings(folder: str | Path) -> Embeddings:

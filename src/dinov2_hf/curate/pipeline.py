@@ -94,7 +94,8 @@ def run_curation(config: CurateConfig, embedder: Callable | None = None) -> Cura
 
     def embed(name: str, settings) -> Embeddings:
         return embed_source(settings, embedder, work / "embeddings" / name, signature,
-                            config.embed.shard_size, config.embed.batch_size, desc=f"embed {name}")
+                            config.embed.shard_size, config.embed.batch_size, desc=f"embed {name}",
+                            num_workers=config.embed.num_workers)
 
     pool = embed("pool", config.pool)
     curated = embed("curated", config.curated) if config.curated else None
