@@ -129,13 +129,18 @@ def test_bad_settings_fail_naming_the_key(extra, message):
     assert message in str(error.value)
 
 
-def test_cli_reports_a_missing_source_before_loading_a_model(tmp_path, monkeypatch, capsys):
+def test_cli_reports_a_missing_source_before_loading_a_model(tmp_path, monkeypatch, capsys, cifar_dir):
     monkeypatch.chdir(tmp_path)
+    wrong_column = ["curate", f"pool.source={cifar_dir / 'test-00000-of-00001.parquet'}", "pool.image_column=img"]
+    assert main(wrong_column) == 2
+    assert "pool.image_column='img' is not a column" in capsys.readouterr().err
     assert main(["curate", "pool.source=./missing-folder", "embed.preset=tiny"]) == 2
     error = capsys.readouterr().err
     assert "pool:" in error and "missing-folder" in error
     assert main(["curate"]) == 2
     assert "pool.source is empty" in capsys.readouterr().err
+    assert main(["curate", "pool.source=someone/no-such-dataset"]) == 2  # tests run with HF_HUB_OFFLINE=1
+    assert "pool.source='someone/no-such-dataset'" in capsys.readouterr().err
 
 
 def test_image_folder_pool_and_yaml_config(cifar_dir, tmp_path):

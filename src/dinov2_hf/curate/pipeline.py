@@ -48,7 +48,10 @@ def _check_sources(config: CurateConfig) -> None:
         try:
             next(iter_rows(settings), None)
         except (FileNotFoundError, ValueError) as error:
-            raise type(error)(f"{name}: {error}") from error
+            raise type(error)(f"{name}: {str(error).replace('data.', f'{name}.')}") from error
+        except ConnectionError as error:  # a Hub id that cannot be reached (offline, typo, private)
+            raise RuntimeError(f"{name}.source={settings.source!r}: {error}. Check the dataset id, the network "
+                               "and HF_HUB_OFFLINE, or give a local folder / parquet files.") from error
 
 
 def _write_once(selections: list[SourceSelection], output_dir: Path, work: Path, parameters: dict) -> dict:
