@@ -126,3 +126,13 @@ def test_tree_and_sampling_are_seeded_and_consistent():
         members = np.flatnonzero(leaves == leaf)
         chosen = np.intersect1d(members, closest)
         assert first.distances[chosen].max() <= np.sort(first.distances[members])[len(chosen) - 1] + 1e-6
+
+
+def test_degenerate_data_gives_no_empty_cluster():
+    """500 identical points + 20 others asked for 50 clusters: the empty ones are dropped, nothing crashes."""
+    points = np.concatenate([np.ones((500, 8)), np.random.default_rng(0).normal(size=(20, 8))]).astype(np.float32)
+    tree = hierarchical_kmeans(points, [50, 10, 3], [1, 3, 3], [1, 4, 2], seed=0)
+    assert len(tree.centroids[0]) <= 21  # at most one cluster per distinct point
+    for sizes in tree.sizes:
+        assert sizes.min() >= 1 and sizes.sum() == 520
+    assert len(balanced_sample(tree, 30, "closest")) == 30

@@ -72,11 +72,11 @@ def kmeans_with_resampling(points: np.ndarray, k: int, steps: int, sample_size: 
             # A fresh k-means on the picked points, as in ssl-data-curation: they hold (about) as many
             # points per cluster, so dense regions no longer attract the centroids. Starting from the
             # current centroids instead would be a fixed point (the r closest points average to them).
-            centroids = kmeans(points[picked], k, iterations, seed + 1 + step,
+            centroids = kmeans(points[picked], min(k, len(picked)), iterations, seed + 1 + step,
                                max_points_per_centroid=max_points_per_centroid)
             labels, distances = assign(points, centroids)
     used = np.unique(labels)
-    remap = np.full(k, -1, dtype=np.int64)
+    remap = np.full(len(centroids), -1, dtype=np.int64)
     remap[used] = np.arange(len(used))
     return centroids[used], remap[labels], distances
 
