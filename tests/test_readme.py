@@ -48,7 +48,8 @@ def test_readme_cli_commands_run_as_shown(tmp_path, cifar_dir):
     assert Path(executable).exists(), "the dinov2-hf console script is not installed (pip install -e .)"
     # The README's input: a Meta-format file with the released ViT-S/14-reg4 shapes (random weights).
     torch.save(meta_state_dict(dim=384, depth=12, grid=37, registers=4), tmp_path / "dinov2_vits14_reg4_pretrain.pth")
-    commands = [c for c in readme_cli_commands() if c[0].split()[1] != "eval"]  # eval: test_eval_readme.py
+    # eval and curate have their own README tests (test_eval_readme.py, test_curate_readme.py)
+    commands = [c for c in readme_cli_commands() if c[0].split()[1] not in ("eval", "curate")]
     assert [c.split()[1] for c, _ in commands] == ["demo", "train", "convert", "convert", "export", "demo"]
     # Run in dependency order: the export produces the folder that the second convert reads.
     order = [0, 1, 2, 4, 3, 5]

@@ -1,4 +1,4 @@
-"""The ``dinov2-hf`` command line: ``demo``, ``train``, ``convert``, ``export`` and ``eval``.
+"""The ``dinov2-hf`` command line: ``demo``, ``train``, ``convert``, ``export``, ``eval`` and ``curate``.
 
 Each subcommand validates its inputs (files exist, formats are known) before loading any weights.
 """
@@ -10,6 +10,9 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from .curate.cli import add_curate_parser
+from .eval.cli import add_eval_parser
 
 
 def _add_demo(subparsers) -> None:
@@ -179,9 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_convert(subparsers)
     _add_export(subparsers)
-    from .eval.cli import add_eval_parser
-
     add_eval_parser(subparsers)
+    add_curate_parser(subparsers)
     return parser
 
 
