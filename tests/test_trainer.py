@@ -25,7 +25,7 @@ def write_cifar_subset(cifar_dir, folder, rows=192, corrupt=0):
     return folder
 
 
-def tiny_config(data_dir, output_dir, **train):
+def tiny_config(data_dir, output_dir, extra: tuple[str, ...] = (), **train):
     overrides = [
         f"data.source={data_dir}", "data.shuffle_buffer=32",
         "model.overrides.hidden_size=48", "model.overrides.num_hidden_layers=2", "model.overrides.num_attention_heads=2",
@@ -34,7 +34,7 @@ def tiny_config(data_dir, output_dir, **train):
         "schedule.warmup_teacher_temp_epochs=1", "schedule.momentum_teacher=0.9",
         "train.batch_size_per_device=16", "train.num_workers=0", "train.mixed_precision=no",
         f"train.output_dir={output_dir}", "train.save_every=3",
-    ] + [f"train.{k}={v}" for k, v in train.items()]
+    ] + [f"train.{k}={v}" for k, v in train.items()] + list(extra)
     return load_train_config("cifar10", overrides)
 
 
@@ -140,3 +140,26 @@ def test_knn_monitor_logs_accuracy(cifar_dir, tmp_path):
     history = Trainer(config).train()
     accuracies = [r["knn_top1"] for r in history if "knn_top1" in r]
     assert len(accuracies) == 2 and all(0.0 <= a <= 1.0 for a in accuracies)
+
+
+def test_resolution_adaptation_phase_and_resume_across_it(cifar_dir, tmp_path):
+    """Main phase at 32 px, then the adaptation phase at 48 px with its own schedules; a run stopped
+    at the boundary resumes onto the uninterrupted trajectory; the export is sized for 48 px."""
+    data = write_cifar_subset(cifar_dir, tmp_path / "data")
+    adaptation = ["adaptation.global_crops_size=48", "adaptation.local_crops_size=24", "adaptation.schedule.epochs=1",
+                  "adaptation.schedule.epoch_length=3", "adaptation.schedule.base_lr=0.001"]
+
+    full = Trainer(tiny_config(data, tmp_path / "full", adaptation)).train()
+    assert [r["global_crops_size"] for r in full] == [32] * 8 + [48] * 3
+    assert full[8]["lr"] == 0.0 and full[9]["lr"] > 0.0  # the adaptation schedule warms up from 0 again
+    assert full[8]["teacher_temp"] == 0.07 and full[8]["last_layer_lr"] == full[8]["lr"]  # no temp warmup, no freeze
+    stopped = Trainer(tiny_config(data, tmp_path / "resumed", adaptation, max_steps=8)).train()
+    assert len(stopped) == 8
+    resumed = Trainer(tiny_config(data, tmp_path / "resumed", adaptation)).train()
+    assert [r["step"] for r in resumed] == [8, 9, 10]
+    for a, b in zip(resumed, full[8:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6), (a["step"], a["loss"], b["loss"])
+    from transformers import AutoImageProcessor
+
+    assert AutoImageProcessor.from_pretrained(tmp_path / "full" / "export" / "transformers").crop_size["height"] == 48
+

@@ -92,6 +92,9 @@ def run_train(args: argparse.Namespace) -> None:
             f"step {last['step'] + 1}: loss {last['loss']:.4f}, skipped images {last['skipped_images']}; "
             f"exported to {trainer.output_dir / 'export'}"
         )
+        if trainer.final_knn is not None:
+            baseline = f"{trainer.initial_knn:.1%} at initialisation -> " if trainer.initial_knn is not None else ""
+            print(f"kNN top-1 (k={config.monitor.k}) on {config.monitor.source}: {baseline}{trainer.final_knn:.1%} exported")
 
 
 def _load_image(name: str):

@@ -47,11 +47,46 @@ def _files(source: str, suffixes: tuple[str, ...]) -> list[str]:
     return sorted(c for c in candidates if Path(c).suffix in suffixes)
 
 
+def builtin_digits(folder: str | Path | None = None) -> Path:
+    """scikit-learn's 1,797 handwritten digits (8x8, shipped inside scikit-learn) as one parquet shard
+    of 32x32 RGB PNGs with labels, written once under ``folder`` (default: the Hugging Face cache)."""
+    if folder is None:
+        from huggingface_hub.constants import HF_HOME
+
+        folder = Path(HF_HOME) / "dinov2_hf" / "sklearn_digits"
+    folder = Path(folder)
+    shard = folder / "train-00000-of-00001.parquet"
+    if shard.is_file():
+        return folder
+    import io
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = []
+    for pixels in digits.images:  # values 0..16
+        image = Image.fromarray((pixels * (255 / 16)).astype("uint8")).resize((32, 32), Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="PNG")
+        images.append({"bytes": buffer.getvalue(), "path": None})
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = folder / f".{shard.name}.{os.getpid()}.tmp"  # several ranks may write at once
+    pq.write_table(pa.table({"image": images, "label": digits.target.tolist()}), temporary)
+    os.replace(temporary, shard)
+    return folder
+
+
 def resolve_source(settings: DataSettings) -> tuple[str, dict]:
     """The `datasets` builder and its arguments for ``settings.source``; fails early and clearly."""
     source, fmt = settings.source, settings.format
     if not source:
         raise ValueError("data.source is empty: give a folder of images, parquet/tar files (or a glob), or a Hub dataset id.")
+    if source == "sklearn:digits":
+        return "parquet", {"data_files": {settings.split: [str(builtin_digits() / "train-00000-of-00001.parquet")]}}
     path = Path(source)
     if fmt == "auto":
         if _files(source, (".parquet",)):

@@ -8,6 +8,7 @@ from typing import Literal
 
 from ..data.sources import DataSettings
 from ..ssl.config import SSLConfig, TrainSettings, load_recipe
+from ..ssl.schedules import ScheduleConfig
 
 
 @dataclass
@@ -44,14 +45,46 @@ class MonitorSettings:
 
 
 @dataclass
+class AdaptationScheduleConfig(ScheduleConfig):
+    """The adaptation phase's schedule: off by default (0 epochs); no teacher-temperature warmup and no
+    prototype freeze, since it continues from trained weights."""
+
+    epochs: int = 0
+    warmup_epochs: int = 1
+    warmup_teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 0
+    freeze_last_layer_epochs: int = 0
+
+
+@dataclass
+class AdaptationSettings:
+    """The paper's resolution adaptation: after the main schedule, ``schedule.epochs x epoch_length``
+    more steps with larger crops (518 px global crops for the released models) and their own,
+    compressed schedules. The position embeddings are interpolated to the new grid."""
+
+    global_crops_size: int = 518
+    local_crops_size: int = 98
+    schedule: AdaptationScheduleConfig = field(default_factory=AdaptationScheduleConfig)
+
+    @property
+    def steps(self) -> int:
+        return self.schedule.epochs * self.schedule.epoch_length
+
+
+@dataclass
 class TrainConfig(SSLConfig):
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainerSettings = field(default_factory=TrainerSettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    adaptation: AdaptationSettings = field(default_factory=AdaptationSettings)
+
+    @property
+    def main_steps(self) -> int:
+        return self.schedule.epochs * self.schedule.epoch_length
 
     @property
     def total_steps(self) -> int:
-        return self.train.max_steps or self.schedule.epochs * self.schedule.epoch_length
+        return self.train.max_steps or self.main_steps + self.adaptation.steps
 
 
 def load_train_config(recipe: str | Path, overrides: list[str] | None = None) -> TrainConfig:

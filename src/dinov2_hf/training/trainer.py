@@ -12,6 +12,7 @@ to the saved position, so it continues the uninterrupted run's trajectory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ import random
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,17 @@ def _seed_worker(worker_id: int) -> None:
     info.dataset.transform.rng.seed(info.seed)
 
 
+@dataclass
+class Phase:
+    """A stretch of training with its own crop sizes and schedules (main, resolution adaptation)."""
+
+    name: str
+    crops: object  # CropsSettings
+    schedules: object  # Schedules, indexed from the phase's first step
+    collator: MultiCropCollator
+    start: int
+
+
 class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -112,15 +125,35 @@ class Trainer:
         else:
             # Wrapped by DDP or Accelerate's FSDP2; accelerator.unwrap_model gives the SSLMetaArch back.
             self.model, self.optimizer = self.accelerator.prepare(arch, optimizer)
-        world = self.accelerator.num_processes
-        self.schedules = build_schedules(config.schedule, train.batch_size_per_device * world)
-        self.collator = MultiCropCollator(
-            config.crops.global_crops_size, arch.student["backbone"].config.patch_size, config.ibot.mask_ratio_min_max, config.ibot.mask_sample_probability
-        )
+        self.phases = self._build_phases(arch.student["backbone"].config.patch_size)
         self.photometric = BatchedPhotometric(blur=config.crops.blur)
         self.step, self.epoch, self.batches_in_epoch, self.skipped_images = 0, 0, 0, 0
         self.stop_signal: int | None = None
+        self.initial_knn: float | None = None  # kNN monitor at step 0 and of the exported teacher
+        self.final_knn: float | None = None
         self._last_collapse_warning = -(10**9)
+
+    def _build_phases(self, patch_size: int) -> list[Phase]:
+        """The main phase and, if configured, the resolution-adaptation phase after it."""
+        config = self.config
+        global_batch = config.train.batch_size_per_device * self.accelerator.num_processes
+
+        def phase(name: str, crops, schedule, start: int) -> Phase:
+            collator = MultiCropCollator(crops.global_crops_size, patch_size, config.ibot.mask_ratio_min_max, config.ibot.mask_sample_probability)
+            return Phase(name, crops, build_schedules(schedule, global_batch), collator, start)
+
+        phases = [phase("main", config.crops, config.schedule, 0)]
+        if config.adaptation.steps:
+            crops = dataclasses.replace(
+                config.crops, global_crops_size=config.adaptation.global_crops_size, local_crops_size=config.adaptation.local_crops_size
+            )
+            phases.append(phase("adaptation", crops, config.adaptation.schedule, config.main_steps))
+        return phases
+
+    @property
+    def phase(self) -> Phase:
+        """The phase the next step belongs to."""
+        return [p for p in self.phases if p.start <= self.step][-1]
 
     def describe(self) -> str:
         """Where the run happens, e.g. ``2 processes (MULTI_CPU, FSDP2) on cpu, mixed precision no``."""
@@ -145,7 +178,7 @@ class Trainer:
         stream = load_image_stream(config.data, accelerator.process_index, accelerator.num_processes, config.train.seed)
         stream.set_epoch(epoch)
         seed = self._seed(DATA_STREAM, epoch)
-        geometry = MultiCropGeometry(config.crops, seed=seed)
+        geometry = MultiCropGeometry(self.phase.crops, seed=seed)
         dataset = MultiCropStream(stream, geometry, config.data.image_column, config.data.label_column)
         generator = torch.Generator().manual_seed(seed)
         # datasets gives each worker whole shards: more workers than shards would sit idle.
@@ -165,7 +198,7 @@ class Trainer:
         """Masks and photometric augmentation on the device, both seeded by (seed, step, rank)."""
         accelerator = self.accelerator
         seed = self._seed(STEP_STREAM, self.step)
-        batch.update(self.collator.masks(len(batch["global_crops"]), random.Random(seed)))
+        batch.update(self.phase.collator.masks(len(batch["global_crops"]), random.Random(seed)))
         generator = torch.Generator(device=accelerator.device).manual_seed(seed)
         return augment_batch(batch, self.photometric, accelerator.device, generator)
 
@@ -176,8 +209,8 @@ class Trainer:
             self.accelerator.unwrap_model(self.model),
             self.optimizer,
             batch,
-            self.schedules,
-            self.step,
+            self.phase.schedules,
+            self.step - self.phase.start,
             self.config.optim.clip_grad,
             model=self.model,
             backward=self.accelerator.backward,
@@ -211,6 +244,11 @@ class Trainer:
             normalized = self.photometric.normalize(torch.stack(pixels).float().div_(255))
             self._monitor_cache = (normalized, torch.tensor(labels))
         return self._monitor_cache
+
+    def _monitoring(self) -> bool:
+        """Whether this process runs the kNN monitor: sharded models need every rank in the feature
+        pass; otherwise the main process alone."""
+        return bool(self.config.monitor.source) and (self.sharded or self.accelerator.is_main_process)
 
     @torch.no_grad()
     def knn_monitor(self) -> float:
@@ -311,15 +349,22 @@ class Trainer:
         total, history = self.config.total_steps, []
         self.accelerator.init_trackers("dinov2_hf", config={k: str(v) for k, v in to_dict(self.config).items()})
         images_per_step = self.config.train.batch_size_per_device * self.accelerator.num_processes
+        if self.step == 0 and self.config.monitor.every and self._monitoring():
+            self.initial_knn = self.knn_monitor()  # the baseline: the network at initialisation
         progress = tqdm(total=total, initial=self.step, desc="dinov2", unit="step", disable=not self.accelerator.is_main_process)
         while self.step < total and self.stop_signal is None:
-            produced = 0
+            produced, phase = 0, self.phase
             for index, batch in enumerate(self.batches(self.epoch)):
                 if index < self.batches_in_epoch:
                     continue  # replaying the stream up to the resumed position
                 started = time.perf_counter()
                 self.skipped_images += int(batch.pop("skipped", torch.zeros(1)).sum())
-                record = {"step": self.step, **self.train_step(self.prepare_batch(batch)), "skipped_images": self.skipped_images}
+                record = {
+                    "step": self.step,
+                    **self.train_step(self.prepare_batch(batch)),
+                    "skipped_images": self.skipped_images,
+                    "global_crops_size": phase.crops.global_crops_size,
+                }
                 if not math.isfinite(record["loss"]):
                     # The optimizer has already applied this step: saving now would keep broken weights.
                     last = latest_checkpoint(self.output_dir / "checkpoints")
@@ -328,19 +373,21 @@ class Trainer:
                         "with a lower learning rate or bf16 instead of fp16."
                     )
                 every = self.config.monitor.every
-                # Sharded models need every rank in the feature pass; otherwise the main process alone.
-                if every and self.config.monitor.source and (self.step + 1) % every == 0 and (self.sharded or self.accelerator.is_main_process):
+                if every and (self.step + 1) % every == 0 and self._monitoring():
                     record["knn_top1"] = self.knn_monitor()
                 history.append(record)
                 self.step += 1
                 self.batches_in_epoch = index + 1
+                new_phase = self.phase is not phase
+                if new_phase:  # a new phase starts a new pass with its own crop sizes (saved as such)
+                    self.epoch, self.batches_in_epoch = self.epoch + 1, 0
                 produced += 1
                 self._log(record, progress, images_per_step / max(time.perf_counter() - started, 1e-9))
                 if self.step % self.config.train.save_every == 0 or self.stop_signal is not None:
                     self.save_checkpoint()
-                if self.step >= total or self.stop_signal is not None:
+                if self.step >= total or self.stop_signal is not None or new_phase:
                     break
-            if self.step < total and self.stop_signal is None:
+            else:  # the pass ended
                 if produced == 0 and self.batches_in_epoch == 0:
                     raise RuntimeError(
                         f"data.source={self.config.data.source!r} produced no batch of {self.config.train.batch_size_per_device} images."
@@ -353,6 +400,8 @@ class Trainer:
         else:
             if self.step % self.config.train.save_every:  # the loop saved this step already otherwise
                 self.save_checkpoint()
+            if self.config.monitor.every and self._monitoring():
+                self.final_knn = self.knn_monitor()  # of the teacher, i.e. the exported backbone
             self.export(history[-1] if history else None)
         self.accelerator.end_training()
         return history
@@ -368,7 +417,7 @@ class Trainer:
                 backbone = Dinov2HFModel(backbone.config)
                 backbone.load_state_dict(weights)
         if self.accelerator.is_main_process:
-            crop = self.config.crops.global_crops_size
+            crop = self.phases[-1].crops.global_crops_size  # the resolution the teacher ended at
             save_ours(backbone, export_dir / "dinov2_hf", crop_size=crop)
             export_transformers(backbone, export_dir / "transformers", crop_size=crop)
             for export_format in ("dinov2_hf", "transformers"):
