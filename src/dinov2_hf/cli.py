@@ -69,7 +69,7 @@ def _add_train(subparsers) -> None:
         description="Train with a recipe shipped in the package (cifar10, vits14_single_gpu, vitl16_short, vitl14, "
         "vitg14) or a YAML file, plus key=value overrides, e.g. data.source=images/ train.output_dir=runs/a.",
     )
-    parser.add_argument("--config", required=True, help="recipe name or YAML file")
+    parser.add_argument("--config", default="quickstart", help="recipe name or YAML file (default: quickstart, on scikit-learn's digits)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     parser.set_defaults(func=run_train)
 
