@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,9 +31,11 @@ def test_builtin_digits_source(tmp_path):
 
 
 def test_train_py_without_arguments_runs_the_quickstart(tmp_path):
+    """README's main job, `accelerate launch train.py`, shortened to 6 steps."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home")}
+    launcher = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
     overrides = ["train.max_steps=6", "monitor.every=3", "monitor.train_images=200", "monitor.test_images=100"]
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides], cwd=tmp_path, env=env,
+    result = subprocess.run([launcher, "launch", str(ROOT / "train.py"), *overrides], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dinov2_hf train: 1 process on cpu, mixed precision no; 6 steps -> outputs/quickstart" in result.stdout

@@ -22,7 +22,7 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     blocks = fenced_bash_blocks()
     assert len(blocks) == 2, blocks
     main_command, test_command = blocks
-    assert main_command.endswith("dinov2-hf demo")
+    assert main_command.endswith("&& accelerate launch train.py")  # the quickstart: tests/test_quickstart.py
     assert "pytest" in test_command and "torch==2.13.0" in test_command
     ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert test_command in ci_lines

@@ -10,6 +10,7 @@ travel in the samples' ``skipped`` field and add up to the exact total), never a
 from __future__ import annotations
 
 import glob
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -132,7 +133,12 @@ def load_image_stream(settings: DataSettings, rank: int = 0, world_size: int = 1
     if stream.features is not None and isinstance(stream.features.get(settings.image_column), ImageFeature):
         stream = stream.cast_column(settings.image_column, ImageFeature(decode=False))
     if settings.shuffle_buffer > 1:
-        stream = stream.shuffle(seed=seed, buffer_size=settings.shuffle_buffer)
+        options = {}
+        if stream.num_shards <= 1 and "max_buffer_input_shards" in inspect.signature(stream.shuffle).parameters:
+            # datasets >= 5 feeds the buffer through a threaded shard interleave that pauses 5 s at the
+            # end of every pass over parquet files; with one shard there is nothing to interleave.
+            options["max_buffer_input_shards"] = 1
+        stream = stream.shuffle(seed=seed, buffer_size=settings.shuffle_buffer, **options)
     if world_size > 1:
         stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
     return stream
