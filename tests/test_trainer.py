@@ -2,6 +2,7 @@
 counted, the export loads with stock transformers."""
 
 import io
+import math
 import json
 
 import numpy as np
@@ -163,3 +164,59 @@ def test_resolution_adaptation_phase_and_resume_across_it(cifar_dir, tmp_path):
 
     assert AutoImageProcessor.from_pretrained(tmp_path / "full" / "export" / "transformers").crop_size["height"] == 48
 
+
+
+def test_activation_checkpointing_keeps_the_trajectory(cifar_dir, tmp_path):
+    data = write_cifar_subset(cifar_dir, tmp_path / "data")
+    plain = Trainer(tiny_config(data, tmp_path / "plain", max_steps=3))
+    checkpointed = Trainer(tiny_config(data, tmp_path / "checkpointed", max_steps=3, activation_checkpointing=True))
+    backbone = checkpointed.accelerator.unwrap_model(checkpointed.model).student["backbone"]
+    assert all(layer.gradient_checkpointing for layer in backbone.encoder.layer)
+    for a, b in zip(plain.train(), checkpointed.train()):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_gradient_accumulation_trains_on_micro_batches(cifar_dir, tmp_path):
+    data = write_cifar_subset(cifar_dir, tmp_path / "data")
+    trainer = Trainer(tiny_config(data, tmp_path / "run", max_steps=4, gradient_accumulation_steps=2, batch_size_per_device=8))
+    history = trainer.train()
+    assert [r["step"] for r in history] == [0, 1, 2, 3]
+    assert trainer.batches_in_epoch % 2 == 0  # whole steps of two loader batches each
+    assert all(math.isfinite(r["loss"]) for r in history)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=0 must be at least 1"):
+        Trainer(tiny_config(data, tmp_path / "bad", gradient_accumulation_steps=0))
+
+
+def test_training_step_accumulates_like_the_mean_loss():
+    """Two micro-batches: one optimizer step and one EMA update with the gradient of the mean loss."""
+    from test_objective import fake_batch
+    from test_objective import tiny_config as tiny_ssl_config
+
+    from dinov2_hf.ssl import SSLMetaArch, build_schedules, param_groups
+    from dinov2_hf.ssl.step import training_step
+
+    config = tiny_ssl_config()
+    batches = [fake_batch(config, seed=0), fake_batch(config, seed=1)]
+    states = []
+    for accumulate in (True, False):
+        torch.manual_seed(0)
+        arch = SSLMetaArch(config).train()
+        optimizer = torch.optim.AdamW(param_groups(arch.student))
+        schedules = build_schedules(config.schedule, 8)
+        if accumulate:
+            record = training_step(arch, optimizer, batches, schedules, 2000, 3.0)
+        else:  # the reference: both forward passes, one backward of the mean, then the usual update
+            values = schedules.at(2000)
+            from dinov2_hf.ssl.param_groups import apply_schedules
+
+            apply_schedules(optimizer, values["lr"], values["weight_decay"], values["last_layer_lr"])
+            outs = [arch(b, teacher_temp=values["teacher_temp"]) for b in batches]
+            ((outs[0]["loss"] + outs[1]["loss"]) / 2).backward()
+            arch.clip_gradients(3.0)
+            optimizer.step()
+            arch.update_teacher(values["momentum"])
+            reference_loss = float((outs[0]["loss"] + outs[1]["loss"]) / 2)
+        states.append({k: v.clone() for k, v in arch.state_dict().items()})
+    assert record["loss"] == pytest.approx(reference_loss, rel=1e-6)
+    for name, value in states[0].items():
+        torch.testing.assert_close(value, states[1][name], rtol=1e-5, atol=1e-6, msg=name)

@@ -26,7 +26,7 @@ def augment_batch(
 def training_step(
     arch: SSLMetaArch,
     optimizer: torch.optim.Optimizer,
-    batch: dict,
+    batch: dict | list[dict],
     schedules: Schedules,
     iteration: int,
     clip_grad: float,
@@ -37,24 +37,32 @@ def training_step(
 ) -> dict[str, float]:
     """Schedules -> forward -> backward -> per-module clipping -> optimizer step -> EMA teacher.
 
-    ``model``, ``backward`` and ``autocast`` default to plain PyTorch; the trainer passes
-    Accelerate's wrapped model, ``accelerator.backward`` and ``accelerator.autocast``.
-    Returns the losses, health metrics, gradient norms and schedule values as floats.
+    ``batch`` may be a list of micro-batches (gradient accumulation): each runs forward and backward
+    with its loss divided by their number, then one clipping, optimizer step and EMA update follow;
+    the returned losses and metrics are their means. ``model``, ``backward`` and ``autocast`` default
+    to plain PyTorch; the trainer passes Accelerate's wrapped model, ``accelerator.backward`` and
+    ``accelerator.autocast``. Returns the losses, health metrics, gradient norms and schedule values
+    as floats.
     """
+    micro_batches = batch if isinstance(batch, list) else [batch]
     values = schedules.at(iteration)
     apply_schedules(optimizer, values["lr"], values["weight_decay"], values["last_layer_lr"])
-    if autocast is None:
-        device_type = batch["global_crops"].device.type
-        context = torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)
-    else:
-        context = autocast()
-    with context:
-        out = (model or arch)(batch, teacher_temp=values["teacher_temp"])
     optimizer.zero_grad(set_to_none=True)
-    (backward or torch.Tensor.backward)(out["loss"])
+    outputs = []
+    for micro_batch in micro_batches:
+        if autocast is None:
+            device_type = micro_batch["global_crops"].device.type
+            context = torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)
+        else:
+            context = autocast()
+        with context:
+            out = (model or arch)(micro_batch, teacher_temp=values["teacher_temp"])
+        (backward or torch.Tensor.backward)(out["loss"] / len(micro_batches))
+        outputs.append({k: v.detach() for k, v in out.items()})
     grad_norms = arch.clip_gradients(clip_grad)
     optimizer.step()
     arch.update_teacher(values["momentum"])
+    out = {key: torch.stack([o[key].float() for o in outputs]).mean() for key in outputs[0]}
     scalars = {**out, **grad_norms}
     # One device-to-host copy for all scalars (one sync per step, not one per metric).
     floats = torch.stack([v.detach().float() for v in scalars.values()]).tolist()

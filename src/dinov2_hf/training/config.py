@@ -20,6 +20,8 @@ class TrainerSettings(TrainSettings):
     num_workers: int = 2
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     compile: bool = False  # torch.compile each transformer block (worth it on GPUs; slow to start on CPU)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (and per EMA update)
+    activation_checkpointing: bool = False  # recompute the student's blocks in backward: less memory
     save_every: int = 1000
     keep_last: int = 3
     log_every: int = 10

@@ -110,7 +110,12 @@ class Trainer:
         )
         set_seed(train.seed)
         self.output_dir = Path(train.output_dir)
+        if train.gradient_accumulation_steps < 1:
+            raise ValueError(f"train.gradient_accumulation_steps={train.gradient_accumulation_steps} must be at least 1.")
         arch = SSLMetaArch(config)
+        if train.activation_checkpointing:
+            backbone = arch.student["backbone"]  # transformers >= 5.24 renamed gradient -> activation checkpointing
+            (getattr(backbone, "activation_checkpointing_enable", None) or backbone.gradient_checkpointing_enable)()
         if train.compile:
             arch.compile_blocks()
         self.sharded = self.accelerator.distributed_type == DistributedType.FSDP or (fsdp_on_cpu and self.accelerator.num_processes > 1)
@@ -136,7 +141,7 @@ class Trainer:
     def _build_phases(self, patch_size: int) -> list[Phase]:
         """The main phase and, if configured, the resolution-adaptation phase after it."""
         config = self.config
-        global_batch = config.train.batch_size_per_device * self.accelerator.num_processes
+        global_batch = config.train.batch_size_per_device * self.accelerator.num_processes * config.train.gradient_accumulation_steps
 
         def phase(name: str, crops, schedule, start: int) -> Phase:
             collator = MultiCropCollator(crops.global_crops_size, patch_size, config.ibot.mask_ratio_min_max, config.ibot.mask_sample_probability)
@@ -194,17 +199,17 @@ class Trainer:
             pin_memory=torch.cuda.is_available(),
         )
 
-    def prepare_batch(self, batch: dict) -> dict:
-        """Masks and photometric augmentation on the device, both seeded by (seed, step, rank)."""
+    def prepare_batch(self, batch: dict, micro_batch: int = 0) -> dict:
+        """Masks and photometric augmentation on the device, both seeded by (seed, step, micro-batch, rank)."""
         accelerator = self.accelerator
-        seed = self._seed(STEP_STREAM, self.step)
+        seed = self._seed(STEP_STREAM, self.step * self.config.train.gradient_accumulation_steps + micro_batch)
         batch.update(self.phase.collator.masks(len(batch["global_crops"]), random.Random(seed)))
         generator = torch.Generator(device=accelerator.device).manual_seed(seed)
         return augment_batch(batch, self.photometric, accelerator.device, generator)
 
     # -- one step -----------------------------------------------------------------------------------
 
-    def train_step(self, batch: dict) -> dict[str, float]:
+    def train_step(self, batch: dict | list[dict]) -> dict[str, float]:
         return training_step(
             self.accelerator.unwrap_model(self.model),
             self.optimizer,
@@ -345,23 +350,30 @@ class Trainer:
         """
         self._handle_signals()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.maybe_resume()
+        set_seed(self.config.train.seed)  # drop path draws from the global RNG: same start whatever ran since __init__
+        self.maybe_resume()  # (a resumed run restores the saved RNG states instead)
         total, history = self.config.total_steps, []
         self.accelerator.init_trackers("dinov2_hf", config={k: str(v) for k, v in to_dict(self.config).items()})
-        images_per_step = self.config.train.batch_size_per_device * self.accelerator.num_processes
+        accumulation = self.config.train.gradient_accumulation_steps
+        images_per_step = self.config.train.batch_size_per_device * self.accelerator.num_processes * accumulation
         if self.step == 0 and self.config.monitor.every and self._monitoring():
             self.initial_knn = self.knn_monitor()  # the baseline: the network at initialisation
         progress = tqdm(total=total, initial=self.step, desc="dinov2", unit="step", disable=not self.accelerator.is_main_process)
         while self.step < total and self.stop_signal is None:
-            produced, phase = 0, self.phase
+            produced, phase, micro_batches = 0, self.phase, []
             for index, batch in enumerate(self.batches(self.epoch)):
                 if index < self.batches_in_epoch:
                     continue  # replaying the stream up to the resumed position
+                micro_batches.append(batch)
+                if len(micro_batches) < accumulation:
+                    continue  # a pass that ends mid-step drops its last micro-batches (like drop_last)
                 started = time.perf_counter()
-                self.skipped_images += int(batch.pop("skipped", torch.zeros(1)).sum())
+                self.skipped_images += sum(int(b.pop("skipped", torch.zeros(1)).sum()) for b in micro_batches)
+                prepared = [self.prepare_batch(b, i) for i, b in enumerate(micro_batches)]
+                micro_batches = []
                 record = {
                     "step": self.step,
-                    **self.train_step(self.prepare_batch(batch)),
+                    **self.train_step(prepared if accumulation > 1 else prepared[0]),
                     "skipped_images": self.skipped_images,
                     "global_crops_size": phase.crops.global_crops_size,
                 }
