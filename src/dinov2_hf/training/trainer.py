@@ -38,7 +38,8 @@ from ..data.sources import DataSettings, MultiCropStream, image_source, load_ima
 from ..data.transforms import BatchedPhotometric, MultiCropGeometry
 from ..eval import knn_classify
 from ..modeling.convert import export_transformers, save_ours
-from ..ssl import SSLMetaArch, build_schedules, param_groups
+from ..ssl import CropsSettings, SSLMetaArch, build_schedules, param_groups
+from ..ssl.schedules import Schedules
 from ..ssl.step import augment_batch, training_step
 from ..modeling import Dinov2HFModel
 from .checkpoint import atomic_checkpoint, latest_checkpoint, prune_checkpoints
@@ -83,8 +84,8 @@ class Phase:
     """A stretch of training with its own crop sizes and schedules (main, resolution adaptation)."""
 
     name: str
-    crops: object  # CropsSettings
-    schedules: object  # Schedules, indexed from the phase's first step
+    crops: CropsSettings
+    schedules: Schedules  # indexed from the phase's first step
     collator: MultiCropCollator
     start: int
 
@@ -118,14 +119,15 @@ class Trainer:
             (getattr(backbone, "activation_checkpointing_enable", None) or backbone.gradient_checkpointing_enable)()
         if train.compile:
             arch.compile_blocks()
-        self.sharded = self.accelerator.distributed_type == DistributedType.FSDP or (fsdp_on_cpu and self.accelerator.num_processes > 1)
-        if self.sharded and self.accelerator.distributed_type != DistributedType.FSDP:
+        shard_here = fsdp_on_cpu and self.accelerator.num_processes > 1  # else Accelerate's plugin shards in prepare
+        self.sharded = shard_here or self.accelerator.distributed_type == DistributedType.FSDP
+        if shard_here:
             shard_meta_arch(arch)  # before the optimizer: it must hold the sharded parameters
         optimizer = torch.optim.AdamW(
             param_groups(arch.student, config.optim.layerwise_decay, config.optim.patch_embed_lr_mult),
             betas=(config.optim.adamw_beta1, config.optim.adamw_beta2),
         )
-        if self.sharded and self.accelerator.distributed_type != DistributedType.FSDP:
+        if shard_here:
             self.model, self.optimizer = arch, self.accelerator.prepare(optimizer)  # no DDP wrapper over shards
         else:
             # Wrapped by DDP or Accelerate's FSDP2; accelerator.unwrap_model gives the SSLMetaArch back.
