@@ -74,11 +74,25 @@ def _add_train(subparsers) -> None:
     parser.set_defaults(func=run_train)
 
 
+def _add_distill(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "distill",
+        help="distil a trained teacher checkpoint into a smaller student (also: train.py with distill.teacher=...)",
+        description="Distillation as in the DINOv2 paper: the frozen EMA teacher of one of our checkpoints (heads "
+        "included) trains a student; the student's EMA is exported. Recipes: distill_cifar10, distill_vitg14_to_vits14.",
+    )
+    parser.add_argument("--teacher", required=True, help="output_dir/checkpoints/checkpoint-<step> folder of a dinov2_hf run")
+    parser.add_argument("--config", default="distill_cifar10", help="student recipe name or YAML file")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parser.set_defaults(func=run_train)
+
+
 def run_train(args: argparse.Namespace) -> None:
     from .training.config import load_train_config
     from .training.trainer import Trainer
 
-    config = load_train_config(args.config, args.overrides)  # fails on unknown keys before any work
+    overrides = list(args.overrides) + ([f"distill.teacher={args.teacher}"] if getattr(args, "teacher", None) else [])
+    config = load_train_config(args.config, overrides)  # fails on unknown keys before any work
     trainer = Trainer(config)
     if trainer.accelerator.is_main_process:
         print(f"dinov2_hf train: {trainer.describe()}; {config.total_steps} steps -> {trainer.output_dir}", flush=True)
@@ -183,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo(subparsers)
     _add_train(subparsers)
+    _add_distill(subparsers)
     _add_convert(subparsers)
     _add_export(subparsers)
     add_eval_parser(subparsers)

@@ -50,6 +50,9 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 class SSLMetaArch(nn.Module):
     """Student (backbone + heads, trained) and teacher (EMA copy, frozen, eval mode)."""
 
+    ema_part = "teacher"  # the EMA copy of the student, whose backbone is the run's result
+    mask_student_inputs = True  # iBOT: masked patches enter the student as the mask token
+
     def __init__(self, config: SSLConfig, backbone: Dinov2HFModel | None = None) -> None:
         super().__init__()
         self.config = config
@@ -76,6 +79,14 @@ class SSLMetaArch(nn.Module):
         self.ibot_patch_loss = iBOTPatchLoss(ibot_out_dim, config.student_temp, config.center_momentum)
         self.koleo_loss = KoLeoLoss()
 
+    def parts(self) -> list[nn.ModuleDict]:
+        """Every backbone-with-heads this module holds."""
+        return [self.student, self.teacher]
+
+    @property
+    def exported_backbone(self) -> Dinov2HFModel:
+        return getattr(self, self.ema_part)["backbone"]
+
     @torch.no_grad()
     def apply_pending_center_updates(self) -> None:
         """Fold every rank's pending centering statistics into the centers now (collective).
@@ -96,7 +107,7 @@ class SSLMetaArch(nn.Module):
         # Entries per block: student and teacher layouts, with and without grad, plus monitor
         # batches; the default limit of 8 would silently fall back to eager.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for part in (self.student, self.teacher):
+        for part in self.parts():
             for layer in part["backbone"].encoder.layer:
                 layer.compile(**compile_kwargs)
         return self
@@ -154,7 +165,7 @@ class SSLMetaArch(nn.Module):
         backbone = self.student["backbone"]
         registers = backbone.config.num_register_tokens
         crops = [batch["global_crops"]] + ([batch["local_crops"]] if n_local else [])
-        masks = [batch["masks"] if do_ibot else None] + ([None] if n_local else [])
+        masks = [batch["masks"] if do_ibot and self.mask_student_inputs else None] + ([None] if n_local else [])
         outputs = backbone.forward_packed(crops, masks)
         global_cls = outputs[0].pooler_output
         local_cls = outputs[1].pooler_output if n_local else global_cls[:0]
@@ -239,10 +250,12 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter (local shards)."""
+        """ema = momentum * ema + (1 - momentum) * student, parameter by parameter (local shards); the
+        EMA copy is the teacher here (``ema_part``), a spare copy in distillation."""
         student_params, teacher_params = [], []
+        ema = getattr(self, self.ema_part)
         for name, module in self.student.items():
-            for s, t in zip(module.parameters(), self.teacher[name].parameters()):
+            for s, t in zip(module.parameters(), ema[name].parameters()):
                 student_params.append(_local(s.detach()))
                 teacher_params.append(_local(t.detach()))
         torch._foreach_mul_(teacher_params, momentum)

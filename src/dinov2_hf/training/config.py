@@ -74,11 +74,21 @@ class AdaptationSettings:
 
 
 @dataclass
+class DistillSettings:
+    """Distillation (DINOv2 paper, Sec. 5): ``teacher`` is a checkpoint folder of one of our runs
+    (``output_dir/checkpoints/checkpoint-<step>``); its frozen EMA teacher, heads included, gives the
+    targets, and the student's spare EMA is exported. Empty: ordinary self-distillation."""
+
+    teacher: str = ""
+
+
+@dataclass
 class TrainConfig(SSLConfig):
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainerSettings = field(default_factory=TrainerSettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
     adaptation: AdaptationSettings = field(default_factory=AdaptationSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
 
     @property
     def main_steps(self) -> int:

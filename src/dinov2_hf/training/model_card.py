@@ -29,7 +29,7 @@ features = model(**processor(image, return_tensors="pt")).pooler_output  # CLS e
 
 
 def training_model_card(config, steps: int, last_record: dict | None, export_format: str, path: str | Path) -> ModelCard:
-    """A card for the teacher backbone exported after ``steps`` steps of ``config`` (a TrainConfig).
+    """A card for the backbone exported after ``steps`` steps of ``config`` (a TrainConfig).
 
     ``export_format`` is ``transformers`` (stock Dinov2, no custom code) or ``dinov2_hf`` (ours).
     """
@@ -45,13 +45,18 @@ def training_model_card(config, steps: int, last_record: dict | None, export_for
         shown = {k: last_record[k] for k in ("loss", "teacher_entropy", "cls_std", "skipped_images", "knn_top1") if k in last_record}
         metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in shown.items())
         metrics = f"\n## Last training step\n\n| metric | value |\n|---|---|\n{metrics}\n"
+    what = (
+        f"The EMA of a student distilled from the DINOv2 teacher `{config.distill.teacher}` (DINO + iBOT + KoLeo)"
+        if config.distill.teacher
+        else "The EMA teacher backbone of a DINOv2 run (DINO + iBOT + KoLeo, multi-crop)"
+    )
     content = f"""---
 {data.to_yaml()}
 ---
 
 # DINOv2 backbone trained with dinov2_hf
 
-The EMA teacher backbone of a DINOv2 run (DINO + iBOT + KoLeo, multi-crop), after {steps} steps with
+{what}, after {steps} steps with
 {config.train.batch_size_per_device} images per device. Data: `{config.data.source}` (split `{config.data.split}`).
 Format: {"stock transformers `Dinov2Model` / `Dinov2WithRegistersModel`" if export_format == "transformers" else "dinov2_hf (heads stay in the training checkpoints)"}.
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
@@ -39,6 +40,7 @@ from ..data.transforms import BatchedPhotometric, MultiCropGeometry
 from ..eval import knn_classify
 from ..modeling.convert import export_transformers, save_ours
 from ..ssl import CropsSettings, SSLMetaArch, build_schedules, param_groups
+from ..ssl.distill import TEACHER_CONFIG, DistillMetaArch, load_teacher
 from ..ssl.schedules import Schedules
 from ..ssl.step import augment_batch, training_step
 from ..modeling import Dinov2HFModel
@@ -113,7 +115,11 @@ class Trainer:
         self.output_dir = Path(train.output_dir)
         if train.gradient_accumulation_steps < 1:
             raise ValueError(f"train.gradient_accumulation_steps={train.gradient_accumulation_steps} must be at least 1.")
-        arch = SSLMetaArch(config)
+        if config.distill.teacher:
+            teacher, teacher_config = load_teacher(config.distill.teacher)
+            arch = DistillMetaArch(config, teacher, teacher_config)
+        else:
+            arch = SSLMetaArch(config)
         if train.activation_checkpointing:
             backbone = arch.student["backbone"]  # transformers >= 5.24 renamed gradient -> activation checkpointing
             (getattr(backbone, "activation_checkpointing_enable", None) or backbone.gradient_checkpointing_enable)()
@@ -261,7 +267,7 @@ class Trainer:
     def knn_monitor(self) -> float:
         """Weighted kNN top-1 of the teacher's normalised CLS on the monitor split."""
         pixels, labels = self._monitor_images()
-        backbone = self.accelerator.unwrap_model(self.model).teacher["backbone"]
+        backbone = self.accelerator.unwrap_model(self.model).exported_backbone
         features = []
         with full_root_params(self.model):
             for chunk in pixels.split(256):
@@ -286,6 +292,8 @@ class Trainer:
                 accelerator.save_state(str(folder))
             if accelerator.is_main_process:
                 (folder / TRAINER_STATE).write_text(json.dumps(state))
+                # The recipe travels with the weights: a checkpoint can serve as a distillation teacher.
+                (folder / TEACHER_CONFIG).write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
         if accelerator.is_main_process:
             prune_checkpoints(root, self.config.train.keep_last)
         return root / f"checkpoint-{self.step}"
@@ -423,10 +431,11 @@ class Trainer:
     def export(self, last_record: dict | None = None) -> Path:
         """The teacher backbone in our format (heads stay in the checkpoints) and in stock transformers
         format, each with the image processor and a model card (recipe, data, steps, last metrics)."""
-        backbone = self.accelerator.unwrap_model(self.model).teacher["backbone"]
+        arch = self.accelerator.unwrap_model(self.model)
+        backbone = arch.exported_backbone
         export_dir = self.output_dir / "export"
-        if self.sharded:  # gather the full teacher backbone (collective), then save it from rank 0
-            weights = full_state_dict(self.model, prefix="teacher.backbone.")
+        if self.sharded:  # gather the full exported backbone (collective), then save it from rank 0
+            weights = full_state_dict(self.model, prefix=f"{arch.ema_part}.backbone.")
             if self.accelerator.is_main_process:
                 backbone = Dinov2HFModel(backbone.config)
                 backbone.load_state_dict(weights)

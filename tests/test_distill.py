@@ -1,0 +1,113 @@
+"""Distillation (paper mode): frozen teacher with heads from one of our checkpoints, student with its own
+heads, no input masking, iBOT on every global-crop patch, the student's spare EMA exported."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_objective import fake_batch, tiny_config
+from test_trainer import tiny_config as tiny_train_config
+from test_trainer import write_cifar_subset
+
+from dinov2_hf.ssl import DinoSettings, ModelSettings, SSLMetaArch
+from dinov2_hf.ssl.distill import DistillMetaArch, load_teacher
+from dinov2_hf.training.trainer import Trainer
+
+
+def student_config(**dino):
+    return tiny_config(
+        model=ModelSettings(preset="tiny", drop_path_rate=0.0, overrides={"hidden_size": 32, "num_attention_heads": 2}),
+        dino=DinoSettings(**{"head_n_prototypes": 64, "head_hidden_dim": 32, "head_bottleneck_dim": 16, **dino}),
+    )
+
+
+def frozen_teacher():
+    torch.manual_seed(1)
+    teacher = SSLMetaArch(tiny_config())
+    return teacher.teacher.requires_grad_(False), teacher.config
+
+
+def test_distill_step_uses_the_frozen_teacher_unmasked_inputs_and_all_patches(monkeypatch):
+    teacher, teacher_config = frozen_teacher()
+    arch = DistillMetaArch(student_config(), teacher, teacher_config).train()
+    assert arch.exported_backbone is arch.student_ema["backbone"] and not arch.student_ema.training
+    batch = fake_batch(arch.config)
+    assert not batch["masks"].all()  # the collator's random iBOT masks ...
+    seen = {}
+    forward_packed = arch.student["backbone"].forward_packed
+
+    def capture_inputs(crops, masks):
+        seen["masks"] = masks
+        return forward_packed(crops, masks)
+
+    monkeypatch.setattr(arch.student["backbone"], "forward_packed", capture_inputs)
+    forward_masked = arch.ibot_patch_loss.forward_masked
+
+    def capture(*args, **kwargs):
+        seen["ibot_masks"] = kwargs["student_masks_flat"]
+        return forward_masked(*args, **kwargs)
+
+    monkeypatch.setattr(arch.ibot_patch_loss, "forward_masked", capture)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    out = arch(batch, teacher_temp=0.07)
+    out["loss"].backward()
+    assert seen["masks"] == [None, None]  # ... never reach the student's inputs
+    assert seen["ibot_masks"].all()  # and iBOT covers every patch of the global crops
+    assert all(p.grad is None for p in teacher.parameters())
+    student = {k: v.detach().clone() for k, v in arch.student.state_dict().items()}
+    ema = {k: v.clone() for k, v in arch.student_ema.state_dict().items()}
+    arch.update_teacher(0.9)
+    for name, value in arch.student_ema.state_dict().items():  # the spare EMA moves, exactly
+        torch.testing.assert_close(value, 0.9 * ema[name] + 0.1 * student[name], rtol=0, atol=1e-6)
+    for name, value in teacher.state_dict().items():  # the teacher does not
+        assert torch.equal(value, teacher_before[name]), name
+
+
+def test_student_heads_and_patches_must_match_the_teacher():
+    teacher, teacher_config = frozen_teacher()
+    with pytest.raises(ValueError, match="head_n_prototypes=32 but the teacher has 64"):
+        DistillMetaArch(student_config(head_n_prototypes=32), teacher, teacher_config)
+    config = student_config()
+    config.model.overrides["patch_size"] = 7
+    with pytest.raises(ValueError, match="patch size 7 != teacher's 14"):
+        DistillMetaArch(config, teacher, teacher_config)
+
+
+def test_distill_from_a_training_checkpoint_exports_the_student_ema(cifar_dir, tmp_path):
+    data = write_cifar_subset(cifar_dir, tmp_path / "data")
+    Trainer(tiny_train_config(data, tmp_path / "teacher", max_steps=3)).train()
+    checkpoint = tmp_path / "teacher" / "checkpoints" / "checkpoint-3"
+    teacher, _ = load_teacher(checkpoint)
+    saved = load_file(checkpoint / "model.safetensors")
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, saved[f"teacher.{name}"]), name
+    student = ["model.overrides.hidden_size=32", "model.overrides.num_attention_heads=2", f"distill.teacher={checkpoint}"]
+    trainer = Trainer(tiny_train_config(data, tmp_path / "student", student, max_steps=3))
+    arch = trainer.accelerator.unwrap_model(trainer.model)
+    assert isinstance(arch, DistillMetaArch) and arch.teacher["backbone"].config.hidden_size == 48
+    history = trainer.train()
+    assert len(history) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
+    from transformers import AutoModel
+
+    exported = AutoModel.from_pretrained(tmp_path / "student" / "export" / "transformers")
+    assert exported.config.hidden_size == 32
+    ema = arch.student_ema["backbone"].state_dict()
+    student_weights = arch.student["backbone"].state_dict()
+    layer = "encoder.layer.0.layer_scale1.lambda1"
+    torch.testing.assert_close(exported.state_dict()[layer], ema[layer])
+    assert not torch.equal(ema[layer], student_weights[layer])
+    with pytest.raises(FileNotFoundError, match="not a training checkpoint of ours"):
+        load_teacher(tmp_path / "student" / "export" / "transformers")
+
+
+def test_distill_recipes_match_their_teachers_and_the_cli_fails_clearly(tmp_path, capsys):
+    from dinov2_hf.cli import main
+    from dinov2_hf.training.config import load_train_config
+
+    for student, teacher in (("distill_cifar10", "cifar10"), ("distill_vitg14_to_vits14", "vitg14")):
+        s, t = load_train_config(student), load_train_config(teacher)
+        assert (s.dino.head_n_prototypes, s.ibot.separate_head, s.ibot.head_n_prototypes) == (
+            t.dino.head_n_prototypes, t.ibot.separate_head, t.ibot.head_n_prototypes)
+        assert s.model.drop_path_rate == 0.0 and s.distill.teacher == ""
+        assert s.model.overrides.get("patch_size", 14) == t.model.overrides.get("patch_size", 14)
+    assert main(["distill", "--teacher", str(tmp_path / "nope"), "train.mixed_precision=no"]) == 2
+    assert "is not a training checkpoint of ours" in capsys.readouterr().err
