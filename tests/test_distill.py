@@ -110,4 +110,56 @@ def test_distill_recipes_match_their_teachers_and_the_cli_fails_clearly(tmp_path
         assert s.model.drop_path_rate == 0.0 and s.distill.teacher == ""
         assert s.model.overrides.get("patch_size", 14) == t.model.overrides.get("patch_size", 14)
     assert main(["distill", "--teacher", str(tmp_path / "nope"), "train.mixed_precision=no"]) == 2
-    assert "is not a training checkpoint of ours" in capsys.readouterr().err
+    assert "nope does not exist" in capsys.readouterr().err
+
+
+def test_feature_distillation_learns_the_teacher_features_on_another_grid():
+    """Headless mode: a stock transformers teacher (patch 14), a student on a finer grid (patch 7)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from dinov2_hf.ssl import param_groups
+    from dinov2_hf.ssl.distill import FeatureDistillMetaArch
+
+    torch.manual_seed(0)
+    stock = Dinov2Model(Dinov2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+                                     image_size=56, patch_size=14)).eval()
+    from dinov2_hf.modeling.convert import from_transformers
+
+    teacher = from_transformers(stock)
+    config = student_config()
+    config.model.overrides["patch_size"] = 7
+    arch = FeatureDistillMetaArch(config, teacher).train()
+    assert arch.exported_backbone is arch.student_ema["backbone"]
+    optimizer = torch.optim.AdamW(param_groups(arch.student), lr=3e-3)
+    batch = fake_batch(arch.config, images=8)
+    losses = []
+    for _ in range(30):
+        out = arch(batch)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        arch.update_teacher(0.5)
+        losses.append(float(out["loss"]))
+    assert all(p.grad is None for p in arch.teacher.parameters())
+    assert losses[-1] < 0.5 * losses[0], losses  # the projections and the student fit the teacher's tokens
+    assert 0 < float(out["distill_patch_loss"]) < float(out["loss"])
+    with pytest.raises(ValueError, match="distill.loss='l2'"):
+        FeatureDistillMetaArch(config, teacher, loss="l2")
+
+
+def test_feature_distillation_from_a_stock_transformers_folder(cifar_dir, tmp_path):
+    """`distill.teacher=<stock transformers folder>` picks the headless mode and exports the student EMA."""
+    from transformers import AutoModel
+
+    from dinov2_hf.ssl.distill import FeatureDistillMetaArch
+
+    data = write_cifar_subset(cifar_dir, tmp_path / "data")
+    Trainer(tiny_train_config(data, tmp_path / "teacher", max_steps=2)).train()
+    stock = tmp_path / "teacher" / "export" / "transformers"
+    student = ["model.overrides.hidden_size=32", "model.overrides.num_attention_heads=2", f"distill.teacher={stock}",
+               "distill.loss=smooth_l1"]
+    trainer = Trainer(tiny_train_config(data, tmp_path / "student", student, max_steps=3))
+    assert isinstance(trainer.accelerator.unwrap_model(trainer.model), FeatureDistillMetaArch)
+    history = trainer.train()
+    assert len(history) == 3 and all("distill_patch_loss" in r for r in history)
+    assert AutoModel.from_pretrained(tmp_path / "student" / "export" / "transformers").config.hidden_size == 32

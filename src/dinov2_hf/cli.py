@@ -77,11 +77,13 @@ def _add_train(subparsers) -> None:
 def _add_distill(subparsers) -> None:
     parser = subparsers.add_parser(
         "distill",
-        help="distil a trained teacher checkpoint into a smaller student (also: train.py with distill.teacher=...)",
+        help="distil a trained teacher into a smaller student (also: train.py with distill.teacher=...)",
         description="Distillation as in the DINOv2 paper: the frozen EMA teacher of one of our checkpoints (heads "
-        "included) trains a student; the student's EMA is exported. Recipes: distill_cifar10, distill_vitg14_to_vits14.",
+        "included) trains a student; or, from any backbone without heads (a stock transformers Dinov2 folder, a Meta "
+        ".pth, a Hub id), the student regresses its CLS and patch features. The student's EMA is exported. "
+        "Recipes: distill_cifar10, distill_vitg14_to_vits14.",
     )
-    parser.add_argument("--teacher", required=True, help="output_dir/checkpoints/checkpoint-<step> folder of a dinov2_hf run")
+    parser.add_argument("--teacher", required=True, help="a checkpoint-<step> folder of a dinov2_hf run, or any backbone (headless mode)")
     parser.add_argument("--config", default="distill_cifar10", help="student recipe name or YAML file")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     parser.set_defaults(func=run_train)

@@ -11,6 +11,7 @@ student sees them unmasked). A spare EMA of the student is kept and is the model
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -78,3 +79,93 @@ class DistillMetaArch(SSLMetaArch):
             everything = torch.ones_like(batch["masks"])
             batch = {**batch, **MultiCropCollator.mask_batch(everything, everything.numel())}
         return super().forward(batch, teacher_temp)
+
+
+class FeatureDistillMetaArch(nn.Module):
+    """Headless distillation from a released backbone (no heads): the student's CLS and patch tokens,
+    through small learned linear projections to the teacher's width, regress the teacher's normalised
+    (final-LayerNorm) CLS and patch tokens on the same two global crops.
+
+    Loss per token: ``1 - cos(P s, t)`` (``cosine``, scale-free, default) or smooth-L1 between ``P s``
+    and ``t`` (``smooth_l1``); CLS and patch terms are averaged over tokens and summed with weights
+    ``1`` and ``patch_weight``. Patch maps are compared on the student's grid (the teacher's map is
+    resized bilinearly when the grids differ). The student's spare EMA is the exported model.
+    """
+
+    ema_part = "student_ema"
+
+    def __init__(self, config: SSLConfig, teacher_backbone: nn.Module, loss: str = "cosine", patch_weight: float = 1.0) -> None:
+        super().__init__()
+        from .meta_arch import build_student_config
+
+        if loss not in ("cosine", "smooth_l1"):
+            raise ValueError(f"distill.loss={loss!r}: use 'cosine' or 'smooth_l1'.")
+        self.config, self.loss_type, self.patch_weight = config, loss, patch_weight
+        from ..modeling import Dinov2HFModel
+
+        backbone = Dinov2HFModel(build_student_config(config))
+        width, teacher_width = backbone.config.hidden_size, teacher_backbone.config.hidden_size
+        self.student = nn.ModuleDict(
+            {"backbone": backbone, "cls_projection": nn.Linear(width, teacher_width), "patch_projection": nn.Linear(width, teacher_width)}
+        )
+        self.student_ema = copy.deepcopy(self.student).requires_grad_(False).eval()
+        self.teacher = nn.ModuleDict({"backbone": teacher_backbone}).requires_grad_(False).eval()
+
+    # The interface the trainer uses, shared with SSLMetaArch (these only touch student/EMA/parts()).
+    exported_backbone = SSLMetaArch.exported_backbone
+    update_teacher = SSLMetaArch.update_teacher
+    clip_gradients = SSLMetaArch.clip_gradients
+    compile_blocks = SSLMetaArch.compile_blocks
+
+    def parts(self) -> list[nn.ModuleDict]:
+        return [self.student, self.teacher, self.student_ema]
+
+    def apply_pending_center_updates(self) -> None:
+        """No centering in feature distillation."""
+
+    def train(self, mode: bool = True) -> "FeatureDistillMetaArch":
+        super().train(mode)
+        self.teacher.eval()
+        self.student_ema.eval()
+        return self
+
+    @staticmethod
+    def _tokens(output, registers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised CLS (B, D) and patch map (B, D, h, w) of a backbone output."""
+        patches = output.last_hidden_state[:, 1 + registers :]
+        side = int(patches.shape[1] ** 0.5)
+        return output.pooler_output, patches.transpose(1, 2).reshape(len(patches), -1, side, side)
+
+    def _distance(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.loss_type == "cosine":
+            return 1 - torch.nn.functional.cosine_similarity(prediction.float(), target.float(), dim=-1).mean()
+        return torch.nn.functional.smooth_l1_loss(prediction.float(), target.float())
+
+    def forward(self, batch: dict, teacher_temp: float | None = None) -> dict[str, torch.Tensor]:
+        crops = batch["global_crops"]
+        with torch.no_grad():
+            teacher = self.teacher["backbone"]
+            teacher_cls, teacher_patches = self._tokens(teacher(crops), teacher.config.num_register_tokens)
+        backbone = self.student["backbone"]
+        student_cls, student_patches = self._tokens(backbone(crops), backbone.config.num_register_tokens)
+        if teacher_patches.shape[-2:] != student_patches.shape[-2:]:
+            teacher_patches = torch.nn.functional.interpolate(teacher_patches.float(), size=student_patches.shape[-2:], mode="bilinear", align_corners=False)
+        cls_loss = self._distance(self.student["cls_projection"](student_cls), teacher_cls)
+        predicted = self.student["patch_projection"](student_patches.flatten(2).transpose(1, 2))
+        patch_loss = self._distance(predicted, teacher_patches.flatten(2).transpose(1, 2))
+        total = cls_loss + self.patch_weight * patch_loss
+        features = torch.nn.functional.normalize(student_cls.detach().float(), dim=-1)
+        cls_std = features.std(dim=0).mean() * features.shape[-1] ** 0.5 if len(features) > 1 else features.new_ones(())
+        zero = torch.zeros((), device=total.device)
+        return {
+            "loss": total,
+            "distill_cls_loss": cls_loss.detach(),
+            "distill_patch_loss": patch_loss.detach(),
+            # the health metrics the trainer logs; no prototypes here, so no entropy-based collapse
+            "teacher_entropy": zero,
+            "student_entropy": zero,
+            "teacher_batch_entropy": zero,
+            "kl_teacher_student": zero,
+            "cls_std": cls_std,
+            "collapse": (cls_std < 0.05).float(),
+        }

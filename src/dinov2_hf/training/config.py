@@ -75,11 +75,20 @@ class AdaptationSettings:
 
 @dataclass
 class DistillSettings:
-    """Distillation (DINOv2 paper, Sec. 5): ``teacher`` is a checkpoint folder of one of our runs
+    """Distillation; empty ``teacher``: ordinary self-distillation. The student's spare EMA is exported.
+
+    ``heads`` (DINOv2 paper, Sec. 5): ``teacher`` is a checkpoint folder of one of our runs
     (``output_dir/checkpoints/checkpoint-<step>``); its frozen EMA teacher, heads included, gives the
-    targets, and the student's spare EMA is exported. Empty: ordinary self-distillation."""
+    DINO/iBOT targets. ``features``: ``teacher`` is any backbone (our folder, a stock transformers
+    Dinov2 folder such as a copy of facebook/dinov2-large, a Meta .pth, a Hub id); the student regresses
+    its normalised CLS and patch tokens through linear projections (``loss``: cosine or smooth_l1).
+    ``auto``: ``heads`` when the folder is one of our training checkpoints, else ``features``.
+    """
 
     teacher: str = ""
+    mode: Literal["auto", "heads", "features"] = "auto"
+    loss: Literal["cosine", "smooth_l1"] = "cosine"
+    patch_weight: float = 1.0
 
 
 @dataclass

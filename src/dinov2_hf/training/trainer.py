@@ -40,7 +40,8 @@ from ..data.transforms import BatchedPhotometric, MultiCropGeometry
 from ..eval import knn_classify
 from ..modeling.convert import export_transformers, save_ours
 from ..ssl import CropsSettings, SSLMetaArch, build_schedules, param_groups
-from ..ssl.distill import TEACHER_CONFIG, DistillMetaArch, load_teacher
+from ..modeling.loading import load_backbone
+from ..ssl.distill import TEACHER_CONFIG, DistillMetaArch, FeatureDistillMetaArch, load_teacher
 from ..ssl.schedules import Schedules
 from ..ssl.step import augment_batch, training_step
 from ..modeling import Dinov2HFModel
@@ -92,6 +93,21 @@ class Phase:
     start: int
 
 
+def build_arch(config: TrainConfig) -> torch.nn.Module:
+    """The module the trainer optimises: self-distillation, or distillation from ``distill.teacher``."""
+    distill = config.distill
+    if not distill.teacher:
+        return SSLMetaArch(config)
+    mode = distill.mode
+    if mode == "auto":
+        mode = "heads" if (Path(distill.teacher) / TEACHER_CONFIG).is_file() else "features"
+    if mode == "heads":
+        teacher, teacher_config = load_teacher(distill.teacher)
+        return DistillMetaArch(config, teacher, teacher_config)
+    teacher_backbone, _ = load_backbone(distill.teacher)
+    return FeatureDistillMetaArch(config, teacher_backbone, distill.loss, distill.patch_weight)
+
+
 class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -115,11 +131,7 @@ class Trainer:
         self.output_dir = Path(train.output_dir)
         if train.gradient_accumulation_steps < 1:
             raise ValueError(f"train.gradient_accumulation_steps={train.gradient_accumulation_steps} must be at least 1.")
-        if config.distill.teacher:
-            teacher, teacher_config = load_teacher(config.distill.teacher)
-            arch = DistillMetaArch(config, teacher, teacher_config)
-        else:
-            arch = SSLMetaArch(config)
+        arch = build_arch(config)
         if train.activation_checkpointing:
             backbone = arch.student["backbone"]  # transformers >= 5.24 renamed gradient -> activation checkpointing
             (getattr(backbone, "activation_checkpointing_enable", None) or backbone.gradient_checkpointing_enable)()
