@@ -62,16 +62,21 @@ def _add_export(subparsers) -> None:
     parser.set_defaults(func=run_export)
 
 
+def _add_recipe_arguments(parser, default: str, what: str) -> None:
+    """``--config RECIPE_OR_YAML`` and ``section.key=value`` overrides; both train and distill run ``run_train``."""
+    parser.add_argument("--config", default=default, help=f"recipe name or YAML file (default: {default}, {what})")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parser.set_defaults(func=run_train)
+
+
 def _add_train(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
         help="DINOv2 pretraining (also: accelerate launch train.py ...)",
-        description="Train with a recipe shipped in the package (cifar10, vits14_single_gpu, vitl16_short, vitl14, "
-        "vitg14) or a YAML file, plus key=value overrides, e.g. data.source=images/ train.output_dir=runs/a.",
+        description="Train with a recipe shipped in the package (quickstart, cifar10, vits14_single_gpu, vitl16_short, "
+        "vitl14, vitg14) or a YAML file, plus key=value overrides, e.g. data.source=images/ train.output_dir=runs/a.",
     )
-    parser.add_argument("--config", default="quickstart", help="recipe name or YAML file (default: quickstart, on scikit-learn's digits)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    parser.set_defaults(func=run_train)
+    _add_recipe_arguments(parser, "quickstart", "on scikit-learn's digits")
 
 
 def _add_distill(subparsers) -> None:
@@ -84,9 +89,7 @@ def _add_distill(subparsers) -> None:
         "Recipes: distill_cifar10, distill_vitg14_to_vits14.",
     )
     parser.add_argument("--teacher", required=True, help="a checkpoint-<step> folder of a dinov2_hf run, or any backbone (headless mode)")
-    parser.add_argument("--config", default="distill_cifar10", help="student recipe name or YAML file")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    parser.set_defaults(func=run_train)
+    _add_recipe_arguments(parser, "distill_cifar10", "the student's recipe")
 
 
 def run_train(args: argparse.Namespace) -> None:

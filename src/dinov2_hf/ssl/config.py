@@ -26,27 +26,28 @@ class ModelSettings:
 
 
 @dataclass
-class DinoSettings:
-    loss_weight: float = 1.0
+class HeadSettings:
+    """A DINO / iBOT projection head (keys named as in the official configs)."""
+
     head_n_prototypes: int = 65536
     head_bottleneck_dim: int = 256
     head_hidden_dim: int = 2048
     head_nlayers: int = 3
     head_mlp_bias: bool = True
+
+
+@dataclass
+class DinoSettings(HeadSettings):
+    loss_weight: float = 1.0
     koleo_loss_weight: float = 0.1
 
 
 @dataclass
-class IbotSettings:
+class IbotSettings(HeadSettings):
     loss_weight: float = 1.0
     mask_sample_probability: float = 0.5
     mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
     separate_head: bool = False
-    head_n_prototypes: int = 65536
-    head_bottleneck_dim: int = 256
-    head_hidden_dim: int = 2048
-    head_nlayers: int = 3
-    head_mlp_bias: bool = True
 
 
 @dataclass

@@ -20,7 +20,8 @@ from torch import nn
 
 from ..data.collate import MultiCropCollator
 from .config import SSLConfig
-from .meta_arch import SSLMetaArch
+from ..modeling import Dinov2HFModel
+from .meta_arch import SSLMetaArch, StudentWithEMA, build_student_config
 
 TEACHER_CONFIG = "train_config.yaml"  # written into every training checkpoint
 
@@ -45,6 +46,7 @@ def load_teacher(checkpoint: str | Path) -> tuple[nn.ModuleDict, SSLConfig]:
 class DistillMetaArch(SSLMetaArch):
     """Student and its spare EMA (``student_ema``, exported) learning from a frozen ``teacher``."""
 
+    part_names = ("student", "teacher", "student_ema")
     ema_part = "student_ema"
     mask_student_inputs = False
 
@@ -65,14 +67,6 @@ class DistillMetaArch(SSLMetaArch):
         self.student_ema = self.teacher  # SSLMetaArch made it: a frozen copy of the student
         self.teacher = teacher.requires_grad_(False).eval()
 
-    def parts(self) -> list[nn.ModuleDict]:
-        return [self.student, self.teacher, self.student_ema]
-
-    def train(self, mode: bool = True) -> "DistillMetaArch":
-        super().train(mode)
-        self.student_ema.eval()
-        return self
-
     def forward(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
         # iBOT on every patch of the two global crops: the masks select all patches (inputs stay unmasked).
         if self.config.ibot.loss_weight > 0:
@@ -81,7 +75,7 @@ class DistillMetaArch(SSLMetaArch):
         return super().forward(batch, teacher_temp)
 
 
-class FeatureDistillMetaArch(nn.Module):
+class FeatureDistillMetaArch(StudentWithEMA):
     """Headless distillation from a released backbone (no heads): the student's CLS and patch tokens,
     through small learned linear projections to the teacher's width, regress the teacher's normalised
     (final-LayerNorm) CLS and patch tokens on the same two global crops.
@@ -92,17 +86,14 @@ class FeatureDistillMetaArch(nn.Module):
     resized bilinearly when the grids differ). The student's spare EMA is the exported model.
     """
 
+    part_names = ("student", "teacher", "student_ema")
     ema_part = "student_ema"
 
     def __init__(self, config: SSLConfig, teacher_backbone: nn.Module, loss: str = "cosine", patch_weight: float = 1.0) -> None:
         super().__init__()
-        from .meta_arch import build_student_config
-
         if loss not in ("cosine", "smooth_l1"):
             raise ValueError(f"distill.loss={loss!r}: use 'cosine' or 'smooth_l1'.")
         self.config, self.loss_type, self.patch_weight = config, loss, patch_weight
-        from ..modeling import Dinov2HFModel
-
         backbone = Dinov2HFModel(build_student_config(config))
         width, teacher_width = backbone.config.hidden_size, teacher_backbone.config.hidden_size
         self.student = nn.ModuleDict(
@@ -110,24 +101,6 @@ class FeatureDistillMetaArch(nn.Module):
         )
         self.student_ema = copy.deepcopy(self.student).requires_grad_(False).eval()
         self.teacher = nn.ModuleDict({"backbone": teacher_backbone}).requires_grad_(False).eval()
-
-    # The interface the trainer uses, shared with SSLMetaArch (these only touch student/EMA/parts()).
-    exported_backbone = SSLMetaArch.exported_backbone
-    update_teacher = SSLMetaArch.update_teacher
-    clip_gradients = SSLMetaArch.clip_gradients
-    compile_blocks = SSLMetaArch.compile_blocks
-
-    def parts(self) -> list[nn.ModuleDict]:
-        return [self.student, self.teacher, self.student_ema]
-
-    def apply_pending_center_updates(self) -> None:
-        """No centering in feature distillation."""
-
-    def train(self, mode: bool = True) -> "FeatureDistillMetaArch":
-        super().train(mode)
-        self.teacher.eval()
-        self.student_ema.eval()
-        return self
 
     @staticmethod
     def _tokens(output, registers: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,18 +127,4 @@ class FeatureDistillMetaArch(nn.Module):
         predicted = self.student["patch_projection"](student_patches.flatten(2).transpose(1, 2))
         patch_loss = self._distance(predicted, teacher_patches.flatten(2).transpose(1, 2))
         total = cls_loss + self.patch_weight * patch_loss
-        features = torch.nn.functional.normalize(student_cls.detach().float(), dim=-1)
-        cls_std = features.std(dim=0).mean() * features.shape[-1] ** 0.5 if len(features) > 1 else features.new_ones(())
-        zero = torch.zeros((), device=total.device)
-        return {
-            "loss": total,
-            "distill_cls_loss": cls_loss.detach(),
-            "distill_patch_loss": patch_loss.detach(),
-            # the health metrics the trainer logs; no prototypes here, so no entropy-based collapse
-            "teacher_entropy": zero,
-            "student_entropy": zero,
-            "teacher_batch_entropy": zero,
-            "kl_teacher_student": zero,
-            "cls_std": cls_std,
-            "collapse": (cls_std < 0.05).float(),
-        }
+        return {"loss": total, "distill_cls_loss": cls_loss.detach(), "distill_patch_loss": patch_loss.detach()}

@@ -42,46 +42,29 @@ def build_student_config(config: SSLConfig) -> Dinov2HFConfig:
     )
 
 
+def _head(embed_dim: int, settings) -> DINOHead:
+    """A DINO / iBOT head from the ``head_*`` fields of DinoSettings or IbotSettings."""
+    return DINOHead(
+        embed_dim, settings.head_n_prototypes, settings.head_hidden_dim, settings.head_bottleneck_dim,
+        settings.head_nlayers, settings.head_mlp_bias,
+    )
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The local shard of an FSDP2 DTensor parameter, or the tensor itself."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-class SSLMetaArch(nn.Module):
-    """Student (backbone + heads, trained) and teacher (EMA copy, frozen, eval mode)."""
+class StudentWithEMA(nn.Module):
+    """What the trainer needs of a model it optimises: a trained ``student`` (backbone + heads or
+    projections), an EMA copy of it (``ema_part``: the exported model), frozen parts, per-part gradient
+    clipping, block-wise compilation. ``SSLMetaArch`` and the distillation modules build on it."""
 
+    part_names: tuple[str, ...] = ("student", "teacher")  # every backbone-holding ModuleDict
     ema_part = "teacher"  # the EMA copy of the student, whose backbone is the run's result
-    mask_student_inputs = True  # iBOT: masked patches enter the student as the mask token
-
-    def __init__(self, config: SSLConfig, backbone: Dinov2HFModel | None = None) -> None:
-        super().__init__()
-        self.config = config
-        backbone = backbone if backbone is not None else Dinov2HFModel(build_student_config(config))
-        embed_dim = backbone.config.hidden_size
-        dino, ibot = config.dino, config.ibot
-        student = {"backbone": backbone}
-        student["dino_head"] = DINOHead(
-            embed_dim, dino.head_n_prototypes, dino.head_hidden_dim, dino.head_bottleneck_dim, dino.head_nlayers, dino.head_mlp_bias
-        )
-        if ibot.separate_head:
-            student["ibot_head"] = DINOHead(
-                embed_dim, ibot.head_n_prototypes, ibot.head_hidden_dim, ibot.head_bottleneck_dim, ibot.head_nlayers, ibot.head_mlp_bias
-            )
-        self.student = nn.ModuleDict(student)
-        self.teacher = copy.deepcopy(self.student)
-        for layer in self.teacher["backbone"].encoder.layer:
-            layer.drop_path_rate = 0.0  # the teacher never drops paths
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
-
-        ibot_out_dim = ibot.head_n_prototypes if ibot.separate_head else dino.head_n_prototypes
-        self.dino_loss = DINOLoss(dino.head_n_prototypes, config.student_temp, config.center_momentum)
-        self.ibot_patch_loss = iBOTPatchLoss(ibot_out_dim, config.student_temp, config.center_momentum)
-        self.koleo_loss = KoLeoLoss()
 
     def parts(self) -> list[nn.ModuleDict]:
-        """Every backbone-with-heads this module holds."""
-        return [self.student, self.teacher]
+        return [getattr(self, name) for name in self.part_names]
 
     @property
     def exported_backbone(self) -> Dinov2HFModel:
@@ -98,8 +81,8 @@ class SSLMetaArch(nn.Module):
             if isinstance(module, SoftmaxCenter):
                 module.apply_pending_update()
 
-    def compile_blocks(self, **compile_kwargs) -> "SSLMetaArch":
-        """torch.compile every transformer block of student and teacher, in place.
+    def compile_blocks(self, **compile_kwargs) -> "StudentWithEMA":
+        """torch.compile every transformer block of every part (student, teacher, EMA copies), in place.
 
         Block-wise rather than whole-model: the packed student pass has one token layout per step,
         the teacher another, and each block compiles once per layout; losses and heads stay eager.
@@ -112,10 +95,61 @@ class SSLMetaArch(nn.Module):
                 layer.compile(**compile_kwargs)
         return self
 
-    def train(self, mode: bool = True) -> "SSLMetaArch":
+    def train(self, mode: bool = True) -> "StudentWithEMA":
         super().train(mode)
-        self.teacher.eval()  # always: the teacher has no stochastic layers and no gradients
+        for part in self.parts():
+            if part is not self.student:
+                part.eval()  # frozen parts (teacher, EMA copies) have no stochastic layers and no gradients
         return self
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """ema = momentum * ema + (1 - momentum) * student, parameter by parameter (local shards); the
+        EMA copy is the teacher here (``ema_part``), a spare copy in distillation."""
+        student_params, ema_params = [], []
+        ema = getattr(self, self.ema_part)
+        for name, module in self.student.items():
+            for s, t in zip(module.parameters(), ema[name].parameters()):
+                student_params.append(_local(s.detach()))
+                ema_params.append(_local(t.detach()))
+        torch._foreach_mul_(ema_params, momentum)
+        torch._foreach_add_(ema_params, student_params, alpha=1 - momentum)
+
+    def clip_gradients(self, max_norm: float) -> dict[str, torch.Tensor]:
+        """Clip each student part (backbone, heads) to ``max_norm`` separately, as the official code;
+        returns the norms before clipping (for FSDP2 shards: the norm over all ranks)."""
+        norms = {}
+        for name, module in self.student.items():
+            norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
+            norms[f"grad_norm_{name}"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return norms
+
+
+class SSLMetaArch(StudentWithEMA):
+    """Student (backbone + heads, trained) and teacher (EMA copy, frozen, eval mode)."""
+
+    mask_student_inputs = True  # iBOT: masked patches enter the student as the mask token
+
+    def __init__(self, config: SSLConfig, backbone: Dinov2HFModel | None = None) -> None:
+        super().__init__()
+        self.config = config
+        backbone = backbone if backbone is not None else Dinov2HFModel(build_student_config(config))
+        embed_dim = backbone.config.hidden_size
+        dino, ibot = config.dino, config.ibot
+        student = {"backbone": backbone, "dino_head": _head(embed_dim, dino)}
+        if ibot.separate_head:
+            student["ibot_head"] = _head(embed_dim, ibot)
+        self.student = nn.ModuleDict(student)
+        self.teacher = copy.deepcopy(self.student)
+        for layer in self.teacher["backbone"].encoder.layer:
+            layer.drop_path_rate = 0.0  # the teacher never drops paths
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+
+        ibot_out_dim = ibot.head_n_prototypes if ibot.separate_head else dino.head_n_prototypes
+        self.dino_loss = DINOLoss(dino.head_n_prototypes, config.student_temp, config.center_momentum)
+        self.ibot_patch_loss = iBOTPatchLoss(ibot_out_dim, config.student_temp, config.center_momentum)
+        self.koleo_loss = KoLeoLoss()
 
     # -- teacher ----------------------------------------------------------------------------------
 
@@ -245,27 +279,3 @@ class SSLMetaArch(nn.Module):
             "cls_std": cls_std,
             "collapse": collapse.float(),
         }
-
-    # -- optimisation helpers -------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """ema = momentum * ema + (1 - momentum) * student, parameter by parameter (local shards); the
-        EMA copy is the teacher here (``ema_part``), a spare copy in distillation."""
-        student_params, teacher_params = [], []
-        ema = getattr(self, self.ema_part)
-        for name, module in self.student.items():
-            for s, t in zip(module.parameters(), ema[name].parameters()):
-                student_params.append(_local(s.detach()))
-                teacher_params.append(_local(t.detach()))
-        torch._foreach_mul_(teacher_params, momentum)
-        torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
-
-    def clip_gradients(self, max_norm: float) -> dict[str, torch.Tensor]:
-        """Clip each student part (backbone, heads) to ``max_norm`` separately, as the official code;
-        returns the norms before clipping (for FSDP2 shards: the norm over all ranks)."""
-        norms = {}
-        for name, module in self.student.items():
-            norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
-            norms[f"grad_norm_{name}"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        return norms

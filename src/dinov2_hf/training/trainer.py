@@ -277,7 +277,7 @@ class Trainer:
 
     @torch.no_grad()
     def knn_monitor(self) -> float:
-        """Weighted kNN top-1 of the teacher's normalised CLS on the monitor split."""
+        """Weighted kNN top-1 of the exported backbone's (the EMA's) normalised CLS on the monitor split."""
         pixels, labels = self._monitor_images()
         backbone = self.accelerator.unwrap_model(self.model).exported_backbone
         features = []
@@ -354,12 +354,13 @@ class Trainer:
             metrics = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
             self.accelerator.log({**metrics, "images_per_second": images_per_second}, step=self.step)
         warmup = self.config.schedule.warmup_epochs * self.config.schedule.epoch_length
-        if record["collapse"] and self.step > warmup and self.step - self._last_collapse_warning >= 100:
+        if record.get("collapse") and self.step > warmup and self.step - self._last_collapse_warning >= 100:
             self._last_collapse_warning = self.step  # at most one warning per 100 steps
+            indicators = ("teacher_entropy", "teacher_batch_entropy", "cls_std")
             logger.warning(
-                "Collapse indicators at step %d: teacher entropy %.3f of its maximum, batch entropy %.3f, CLS spread %.3f. "
+                "Collapse indicators at step %d: %s (teacher entropies relative to their maximum). "
                 "See README (health metrics) for what to change.",
-                self.step, record["teacher_entropy"], record["teacher_batch_entropy"], record["cls_std"],
+                self.step, ", ".join(f"{name} {record[name]:.3f}" for name in indicators if name in record),
             )
         if progress is not None:
             progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{images_per_second:.0f}", skipped=self.skipped_images)
