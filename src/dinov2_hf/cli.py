@@ -101,7 +101,10 @@ def run_train(args: argparse.Namespace) -> None:
     trainer = Trainer(config)
     if trainer.accelerator.is_main_process:
         print(f"dinov2_hf train: {trainer.describe()}; {config.total_steps} steps -> {trainer.output_dir}", flush=True)
-    history = trainer.train()
+    try:
+        history = trainer.train()
+    finally:
+        _let_arrow_threads_finish()
     if trainer.stop_signal is not None:
         print(f"stopped by signal {trainer.stop_signal} at step {trainer.step}; checkpoint saved, rerun to resume")
         raise SystemExit(128 + trainer.stop_signal)
@@ -114,6 +117,19 @@ def run_train(args: argparse.Namespace) -> None:
         if trainer.final_knn is not None:
             baseline = f"{trainer.initial_knn:.1%} at initialisation -> " if trainer.initial_knn is not None else ""
             print(f"kNN top-1 (k={config.monitor.k}) on {config.monitor.source}: {baseline}{trainer.final_knn:.1%} exported")
+
+
+def _let_arrow_threads_finish() -> None:
+    """Streaming parquet leaves Arrow scanner threads behind when a pass stops early; if they are still
+    alive at interpreter exit the process aborts ("terminate called without an active exception",
+    huggingface/datasets#7566, apache/arrow#45214). Collect the dropped streams and give the threads
+    the time `datasets` itself waits for them, once, before the process exits."""
+    import gc
+
+    from datasets import config as datasets_config
+
+    gc.collect()
+    time.sleep(datasets_config.SLEEP_TIME_ON_THREADS_SHUTDOWN)
 
 
 def _load_image(name: str):
