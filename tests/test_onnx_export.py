@@ -15,8 +15,14 @@ import torch
 import torch.nn.functional as F
 from conftest import randomize_
 from test_meta_conversion import meta_state_dict
-from transformers import AutoConfig, AutoImageProcessor, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig
-from transformers import Dinov2WithRegistersModel
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+)
 
 from dinov2_hf import Dinov2HFConfig, Dinov2HFModel
 from dinov2_hf.cli import main
@@ -93,11 +99,10 @@ def test_bicubic_matrix_is_pytorchs_bicubic_resize():
 @pytest.mark.parametrize("registers", [0, 4])
 def test_cli_from_stock_transformers_folder(tiny_kwargs, tmp_path, registers):
     """A stock Dinov2Model / Dinov2WithRegistersModel folder in, compared with the stock model itself."""
-    common = {k: v for k, v in tiny_kwargs.items()}
     if registers:
-        stock = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**common, num_register_tokens=registers))
+        stock = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**tiny_kwargs, num_register_tokens=registers))
     else:
-        stock = Dinov2Model(Dinov2Config(**common))
+        stock = Dinov2Model(Dinov2Config(**tiny_kwargs))
     stock = randomize_(stock).eval()
     stock.save_pretrained(tmp_path / "stock")
     _processor(112).save_pretrained(tmp_path / "stock")  # the folder's own preprocessing is kept

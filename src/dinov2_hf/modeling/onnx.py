@@ -31,7 +31,6 @@ from torch import nn
 
 from .modeling_dinov2_hf import Dinov2HFEmbeddings, Dinov2HFModel
 
-logger = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 INPUT_NAMES = ["pixel_values"]
@@ -185,18 +184,23 @@ def _exportable(model: Dinov2HFModel) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _logger_level(name: str, level: int) -> Iterator[None]:
+    logger_ = logging.getLogger(name)
+    previous = logger_.level
+    logger_.setLevel(level)
+    try:
+        yield
+    finally:
+        logger_.setLevel(previous)
+
+
+@contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """Hide the exporter's notices that concern neither this model nor the user (absent torchvision
     operators, pytree deprecations inside torch)."""
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            yield
-    finally:
-        registration.setLevel(level)
+    with _logger_level("torch.onnx._internal.exporter._registration", logging.ERROR), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 def _name_sequence_axis(program) -> None:
@@ -218,21 +222,15 @@ def _example_input(config) -> torch.Tensor:
 
 def _save_config(model: Dinov2HFModel, output_dir: Path) -> None:
     """A stock transformers config where one exists (what optimum / onnxruntime tooling reads), else ours."""
-    from .convert import config_to_transformers, logger as convert_logger
+    from .convert import config_to_transformers
 
-    config = model.config
     try:
-        # The ONNX graph carries its own resize, so the "meta" mode warning about stock models does not apply.
-        previous = convert_logger.level
-        convert_logger.setLevel(logging.ERROR)
-        try:
-            stock = config_to_transformers(config)
-        finally:
-            convert_logger.setLevel(previous)
-    except ValueError:
-        config.save_pretrained(output_dir)
-        return
-    stock.save_pretrained(output_dir)
+        # The graph carries its own resize: the warning that stock models resize "meta" models differently is moot.
+        with _logger_level("dinov2_hf.modeling.convert", logging.ERROR):
+            config = config_to_transformers(model.config)
+    except ValueError:  # an architecture stock transformers cannot express
+        config = model.config
+    config.save_pretrained(output_dir)
 
 
 def export_onnx(
