@@ -6,7 +6,9 @@
 A randomly initialised backbone (ViT-S/14 by default, released 518 px position grid, so both
 interpolate to the 224 px input) is exported with ``export_onnx`` (fp32, opset 18) and timed with
 onnxruntime's CPU provider and with PyTorch eager (SDPA, ``inference_mode``), both on the same
-number of threads. The runtimes take turns in blocks (two rounds), so load drift hits both alike.
+number of threads (1 and all cores by default: on a shared machine PyTorch's OpenMP threads
+suffer most from other jobs, so the 1-thread figures are the steadier comparison; OMP_WAIT_POLICY=PASSIVE
+helps them). The runtimes take turns in blocks (two rounds), so load drift hits both alike.
 Reports the median latency and images/s per batch size, and the max abs difference of their
 ``last_hidden_state``. Prints one JSON document (also written to --out).
 """
@@ -34,23 +36,30 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench(preset: str, batch_sizes: list[int], size: int, iters: int, warmup: int, threads: int, rounds: int = 2) -> dict:
+def bench(preset: str, batch_sizes: list[int], size: int, iters: int, warmup: int, threads: list[int], rounds: int = 2) -> dict:
     import onnxruntime
 
     from dinov2_hf import Dinov2HFConfig, Dinov2HFModel
     from dinov2_hf.modeling.onnx import export_onnx
 
     torch.manual_seed(0)
-    torch.set_num_threads(threads)
     model = Dinov2HFModel(Dinov2HFConfig.from_preset(preset, layerscale_value=1.0)).eval()
+    cases = []
     with tempfile.TemporaryDirectory() as folder:
         export_seconds = timed(lambda: export_onnx(model, folder))
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # Idle onnxruntime workers would otherwise spin and slow the PyTorch block that follows.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = onnxruntime.InferenceSession(str(Path(folder) / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        for count in threads:
+            torch.set_num_threads(count)
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = count
+            options.inter_op_num_threads = 1
+            # Idle onnxruntime workers would otherwise spin and slow the PyTorch block that follows.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            session = onnxruntime.InferenceSession(str(Path(folder) / "model.onnx"), options, providers=["CPUExecutionProvider"])
+            cases += bench_session(model, session, batch_sizes, size, iters, warmup, count, rounds)
+    return {"export_seconds": round(export_seconds, 1), "cases": cases}
+
+
+def bench_session(model, session, batch_sizes, size, iters, warmup, threads, rounds) -> list[dict]:
     cases = []
     for batch in batch_sizes:
         pixel_values = torch.randn(batch, 3, size, size)
@@ -73,6 +82,7 @@ def bench(preset: str, batch_sizes: list[int], size: int, iters: int, warmup: in
         torch_latency, onnx_latency = statistics.median(torch_times), statistics.median(onnx_times)
         cases.append(
             {
+                "threads": threads,
                 "batch": batch,
                 "torch_eager_latency_ms": round(torch_latency * 1000, 2),
                 "onnxruntime_latency_ms": round(onnx_latency * 1000, 2),
@@ -83,7 +93,7 @@ def bench(preset: str, batch_sizes: list[int], size: int, iters: int, warmup: in
             }
         )
         print(json.dumps(cases[-1]), file=sys.stderr, flush=True)
-    return {"export_seconds": round(export_seconds, 1), "cases": cases}
+    return cases
 
 
 def main() -> None:
@@ -93,7 +103,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1], help="thread counts (each runtime)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
 
@@ -104,12 +114,12 @@ def main() -> None:
         "preset": args.preset,
         "image_size": args.size,
         "dtype": "float32",
-        "threads": args.threads,
         "iters": args.iters,
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
             "cpu_count": os.cpu_count(),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
             "load_average_before": [round(x, 2) for x in os.getloadavg()],
         },
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
