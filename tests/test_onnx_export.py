@@ -63,9 +63,13 @@ SIZES = [(1, 224, 224), (3, 154, 322), (1, 224, 322), (4, 14, 28)]
     "interpolation, registers", [("transformers", 0), ("antialias", 4), ("meta", 0), ("meta", 4)]
 )
 def test_onnx_matches_pytorch_at_any_size(tiny_kwargs, tmp_path, interpolation, registers):
-    model = randomize_(
-        Dinov2HFModel(Dinov2HFConfig(**tiny_kwargs, num_register_tokens=registers, pos_embed_interpolation=interpolation))
-    ).eval()
+    config = Dinov2HFConfig(
+        **tiny_kwargs,
+        num_register_tokens=registers,
+        pos_embed_interpolation=interpolation,
+        use_swiglu_ffn=interpolation == "antialias",  # ViT-g's feed-forward
+    )
+    model = randomize_(Dinov2HFModel(config)).eval()
     external = interpolation == "meta" and registers == 4  # also cover weights stored beside the graph
     path = export_onnx(model, tmp_path / "onnx", external_data=external)
     assert (tmp_path / "onnx" / "model.onnx.data").is_file() == external
