@@ -256,8 +256,15 @@ def _check_backbone_source(source: Path) -> None:
 def run_export_onnx(args: argparse.Namespace) -> dict[str, float]:
     """``dinov2-hf export --to onnx``: validate everything cheap, load, export, check with onnxruntime."""
     from .modeling.loading import load_backbone
-    from .modeling.onnx import DEFAULT_CHECK_SIZES, export_onnx, check_onnx, parse_size, require_onnx_packages
-    from .modeling.onnx import validate_opset, validate_sizes
+    from .modeling.onnx import (
+        DEFAULT_CHECK_SIZES,
+        check_onnx,
+        export_onnx,
+        parse_size,
+        require_onnx_packages,
+        validate_opset,
+        validate_sizes,
+    )
 
     require_onnx_packages()
     validate_opset(args.opset)
@@ -265,7 +272,7 @@ def run_export_onnx(args: argparse.Namespace) -> dict[str, float]:
     source = Path(args.input)
     _check_backbone_source(source)
     config_file = source / "config.json"
-    if args.check and source.is_dir() and config_file.is_file():  # sizes checked against the patch size before any weights load
+    if args.check and source.is_dir() and config_file.is_file():  # check sizes vs patch size before loading weights
         validate_sizes(sizes, json.loads(config_file.read_text()).get("patch_size", 14))
     model, description = load_backbone(args.input)
     config = model.config

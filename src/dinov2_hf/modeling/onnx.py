@@ -335,5 +335,6 @@ __all__ = [
     "export_onnx",
     "parse_size",
     "require_onnx_packages",
+    "validate_opset",
     "validate_sizes",
 ]
