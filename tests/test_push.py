@@ -253,3 +253,34 @@ def test_push_dataset_with_its_card(cifar_dir, tmp_path, monkeypatch):
     assert pushed.features == local.features and pushed.features["image"].__class__.__name__ == "Image"
     assert [row["image"]["bytes"] for row in pushed.cast_column("image", pushed.features["image"].__class__(decode=False))] == \
         [row["image"]["bytes"] for row in local.cast_column("image", local.features["image"].__class__(decode=False))]
+
+
+def test_card_metadata_names_hub_datasets_and_the_teachers_repo(tmp_path):
+    import yaml
+    from huggingface_hub import ModelCard
+
+    from dinov2_hf.training.config import load_train_config
+    from dinov2_hf.training.model_card import is_hub_id, model_card, teacher_repo_id
+
+    assert is_hub_id("facebook/dinov2-large") and not is_hub_id("cifar10")
+    assert not is_hub_id("../shared/data/cifar10/train-00000-of-00005.parquet") and not is_hub_id("data/*.parquet")
+    assert not is_hub_id(str(tmp_path)) and not is_hub_id("me/bad--name")
+    # a local checkpoint of ours that was pushed; a Hub cache snapshot; an anonymous folder
+    pushed = tmp_path / "checkpoint-10"
+    pushed.mkdir()
+    (pushed / "train_config.yaml").write_text(yaml.safe_dump({"hub": {"push_to_hub": True, "repo_id": "me/big-teacher"}}))
+    snapshot = tmp_path / "hub" / "models--facebook--dinov2-large" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert teacher_repo_id("facebook/dinov2-large") == "facebook/dinov2-large"
+    assert teacher_repo_id(str(pushed)) == "me/big-teacher"
+    assert teacher_repo_id(str(snapshot)) == "facebook/dinov2-large"
+    assert teacher_repo_id(str(tmp_path)) is None
+
+    config = load_train_config("distill_cifar10", ["data.source=my-org/street-images", f"distill.teacher={snapshot}"])
+    card = model_card("me/student", config=config, steps=5)
+    loaded = ModelCard(str(card))
+    assert loaded.data.datasets == ["my-org/street-images"] and loaded.data.base_model == "facebook/dinov2-large"
+    assert "distilled from the DINOv2 teacher" in loaded.text
+    config = load_train_config("distill_cifar10", ["data.source=images/", f"distill.teacher={tmp_path}"])
+    data = ModelCard(str(model_card("me/student", config=config))).data
+    assert data.datasets is None and data.base_model is None  # omitted rather than invalid
