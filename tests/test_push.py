@@ -110,6 +110,11 @@ def test_push_uploads_a_backbone_that_stock_transformers_loads(run, tmp_path, mo
     assert set(heads) == {k[len("teacher."):] for k in checkpoint if k.startswith("teacher.") and not k.startswith("teacher.backbone.")}
     for name, tensor in heads.items():
         torch.testing.assert_close(tensor, checkpoint[f"teacher.{name}"], rtol=0, atol=0)
+    # ... and the uploaded dinov2_hf/ folder is a distillation teacher, like the checkpoint itself
+    from dinov2_hf.ssl.distill import load_teacher
+
+    published, checkpointed = (load_teacher(f)[0].state_dict() for f in (uploaded / "dinov2_hf", run / "run" / "checkpoints" / "checkpoint-2"))
+    assert published.keys() == checkpointed.keys() and all(torch.equal(published[k], checkpointed[k]) for k in published)
 
     # the card: parses, metadata as the Hub wants it, model-index round-trips, usage code runs as written
     card = ModelCard.load(uploaded / "README.md")
@@ -284,3 +289,24 @@ def test_card_metadata_names_hub_datasets_and_the_teachers_repo(tmp_path):
     config = load_train_config("distill_cifar10", ["data.source=images/", f"distill.teacher={tmp_path}"])
     data = ModelCard(str(model_card("me/student", config=config))).data
     assert data.datasets is None and data.base_model is None  # omitted rather than invalid
+
+
+def test_an_fsdp2_checkpoint_stages_from_its_dcp_shards(run, tmp_path):
+    """A checkpoint holding only sharded/ (DCP, as FSDP2 runs write) stages the same backbone and heads."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    from dinov2_hf.hub import stage_upload
+
+    source = run / "run" / "checkpoints" / "checkpoint-2"
+    sharded = tmp_path / "checkpoints" / "checkpoint-2"
+    shutil.copytree(source, sharded, ignore=shutil.ignore_patterns("model.safetensors", "optimizer.bin"))
+    weights = load_file(source / "model.safetensors")
+    dcp.save({"model": weights, "optimizer": {"state": {}}}, checkpoint_id=str(sharded / "sharded"))
+    a = stage_upload(source, tmp_path / "a", fmt="both")
+    b = stage_upload(sharded, tmp_path / "b", fmt="both")
+    assert a.files == b.files
+    for name in ("model.safetensors", "dinov2_hf/model.safetensors", "dinov2_hf/heads.safetensors"):
+        left, right = load_file(a.folder / name), load_file(b.folder / name)
+        assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)

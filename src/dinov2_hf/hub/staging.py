@@ -23,7 +23,7 @@ from pathlib import Path
 FORMATS = ("stock", "ours", "both")
 OURS_SUBFOLDER = "dinov2_hf"
 PCA_IMAGE = "pca_features.png"
-HEADS_FILE = "heads.safetensors"
+HEADS_FILE = "heads.safetensors"  # the EMA heads beside our backbone: ssl.distill.load_teacher reads them
 BACKBONE_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 
 
@@ -111,23 +111,42 @@ def _read_run_records(found: RunSource) -> None:
         found.last_record = records[-1] if records else None
 
 
+def _sharded_state(folder: Path, prefix: str) -> dict:
+    """The full tensors under ``model.<prefix>`` of an FSDP2 checkpoint's DCP folder, read in this one
+    process (DCP needs no process group to read; shapes and dtypes come from its metadata)."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    wanted = {key[len("model."):]: entry for key, entry in metadata.items() if key.startswith(f"model.{prefix}")}
+    state = {"model": {key: torch.empty(entry.size, dtype=entry.properties.dtype) for key, entry in wanted.items()}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no process group": reading in one process is what we want
+        dcp.load(state, checkpoint_id=str(folder))
+    return state["model"]
+
+
 def checkpoint_backbone(checkpoint: Path, config) -> tuple[object, dict, int]:
     """The exported backbone of a checkpoint (the EMA: teacher, or the distilled student's EMA), its
-    other EMA weights (DINO/iBOT heads or distillation projections) and the final global crop size."""
-    from safetensors.torch import load_file
+    other EMA weights (DINO/iBOT heads or distillation projections) and the final global crop size.
+    Reads ``model.safetensors``, or the ``sharded/`` DCP folder of an FSDP2 run."""
+    from safetensors import safe_open
 
     from ..modeling import Dinov2HFModel
     from ..ssl.meta_arch import build_student_config
+    from ..training.parallel import SHARDED_DIR
 
-    weights_file = checkpoint / "model.safetensors"
-    if not weights_file.is_file():
-        hint = " It holds FSDP2 shards only (sharded/):" if (checkpoint / "sharded").is_dir() else ""
-        raise FileNotFoundError(
-            f"{checkpoint} has no model.safetensors.{hint} push the run's output_dir or its export/ folder "
-            "(written at the end of training) instead."
-        )
     ema = "student_ema" if config.distill.teacher else "teacher"
-    state = load_file(weights_file)
+    if (checkpoint / "model.safetensors").is_file():
+        with safe_open(checkpoint / "model.safetensors", framework="pt") as file:  # the EMA part only
+            state = {key: file.get_tensor(key) for key in file.keys() if key.startswith(f"{ema}.")}
+    elif (checkpoint / SHARDED_DIR).is_dir():
+        state = _sharded_state(checkpoint / SHARDED_DIR, f"{ema}.")
+    else:
+        raise FileNotFoundError(f"{checkpoint} has neither model.safetensors nor {SHARDED_DIR}/: not a complete checkpoint.")
     backbone = Dinov2HFModel(build_student_config(config))
     prefix = f"{ema}.backbone."
     backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
@@ -205,10 +224,8 @@ def stage_upload(
 
     heads: dict = {}
     backbone = None
-    if run.checkpoint is not None and run.config is not None and (run.checkpoint / "model.safetensors").is_file():
+    if run.checkpoint is not None and run.config is not None:
         backbone, heads, crop = checkpoint_backbone(run.checkpoint, run.config)
-    elif run.checkpoint is not None and not run.exports:
-        checkpoint_backbone(run.checkpoint, run.config)  # raises the explanatory error
     stock_dir = ours_dir = None
     root_format = "dinov2_hf" if fmt == "ours" else "transformers"
     if fmt in ("stock", "both"):
@@ -222,6 +239,11 @@ def stage_upload(
             if export_format in run.exports:  # the run's own export, as written at the end of training
                 _copy_backbone(run.exports[export_format], target, export_format)
                 continue
+            if backbone is None and not run.exports:
+                raise FileNotFoundError(
+                    f"{run.checkpoint} has no {'train_config.yaml'} (checkpoints carry it since distillation support): "
+                    "push the run's export/ folder instead."
+                )
             if backbone is None:  # the other format only: convert it
                 other = next(iter(run.exports.values()))
                 backbone, _ = load_backbone(other)
