@@ -189,7 +189,7 @@ class FakeHub:
             ref_name = f"refs/pr/{num}"
             found.refs[ref_name], found.heads[ref_name] = dict(files), found.heads["main"]
             files = found.refs[ref_name]
-            pr_url = f"{ENDPOINT}/{repo}/discussions/{num}"
+            pr_url = f"{ENDPOINT}/{'' if type == 'model' else type + 's/'}{repo}/discussions/{num}"
         files.update(added)
         for name in deleted:
             files.pop(name, None)

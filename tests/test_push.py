@@ -226,7 +226,7 @@ def test_push_to_hub_after_training(cifar_dir, tmp_path, monkeypatch):
     assert state["num_processes"] == 1 and state["train_seconds"] > 0
 
 
-def test_push_dataset_with_its_card(cifar_dir, tmp_path, monkeypatch):
+def test_push_dataset_with_its_card(cifar_dir, tmp_path, monkeypatch, capsys):
     from datasets import load_dataset
     from huggingface_hub import DatasetCard
 
@@ -239,8 +239,9 @@ def test_push_dataset_with_its_card(cifar_dir, tmp_path, monkeypatch):
     write_card(curated, "tiny curated", {"pool rows": 40, "written": 14}, {"pool": settings.source}, {"k": 1})
     before = tree_digest(curated)
     with fake_hub(monkeypatch, xet=False) as hub:  # datasets preuploads its shards as LFS objects
-        result = push_dataset(curated, "me/curated", commit_message="Curated")
+        result, summary = push_dataset(curated, "me/curated", commit_message="Curated")
     assert tree_digest(curated) == before
+    assert summary == {"images": 14, "shards": 1, "files": ["README.md", "manifest.csv"]}
     repo = hub.repos[("dataset", "me/curated")]
     files = repo.refs["main"]
     assert hub.created[0] == {"name": "curated", "organization": "me", "visibility": "public", "type": "dataset"}
@@ -258,6 +259,16 @@ def test_push_dataset_with_its_card(cifar_dir, tmp_path, monkeypatch):
     assert pushed.features == local.features and pushed.features["image"].__class__.__name__ == "Image"
     assert [row["image"]["bytes"] for row in pushed.cast_column("image", pushed.features["image"].__class__(decode=False))] == \
         [row["image"]["bytes"] for row in local.cast_column("image", local.features["image"].__class__(decode=False))]
+
+    # as a pull request, from the command line: card and data land on the same PR ref
+    from dinov2_hf.cli import main
+
+    with fake_hub(monkeypatch, xet=False) as hub:
+        assert main(["push-dataset", str(curated), "me/curated", "--create-pr"]) == 0
+    printed = capsys.readouterr().out
+    assert f"uploaded {curated} to dataset me/curated (main, pull request): 14 images in 1 shard(s), with README.md and manifest.csv" in printed
+    assert "pull request: https://huggingface.co/datasets/me/curated/discussions/1" in printed
+    assert [c.revision for c in hub.commits] == ["refs/pr/1", "refs/pr/1"] and hub.repos[("dataset", "me/curated")].refs["main"] == {}
 
 
 def test_card_metadata_names_hub_datasets_and_the_teachers_repo(tmp_path):
@@ -310,3 +321,4 @@ def test_an_fsdp2_checkpoint_stages_from_its_dcp_shards(run, tmp_path):
     for name in ("model.safetensors", "dinov2_hf/model.safetensors", "dinov2_hf/heads.safetensors"):
         left, right = load_file(a.folder / name), load_file(b.folder / name)
         assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+

@@ -42,6 +42,7 @@ def add_push_parser(subparsers) -> None:
     )
     dataset.add_argument("source", help="the curate output folder (output.output_dir)")
     _add_target_arguments(dataset)
+    dataset.add_argument("--dry-run", action="store_true", help="check and summarise; no token or network needed")
     dataset.set_defaults(func=run_push_dataset)
 
 
@@ -69,10 +70,14 @@ def run_push(args: argparse.Namespace) -> None:
 def run_push_dataset(args: argparse.Namespace) -> None:
     from .push import push_dataset
 
-    result = push_dataset(args.source, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
-                          token=args.token, commit_message=args.commit_message)
-    print(f"uploaded {args.source} to dataset {result.repo_id} ({args.revision or 'main'})")
-    print(f"repo: {result.repo_url}")
-    print(f"commit: {result.commit_url}")
-    if result.pr_url:
-        print(f"pull request: {result.pr_url}")
+    result, summary = push_dataset(args.source, args.repo_id, private=args.private, revision=args.revision,
+                                   create_pr=args.create_pr, token=args.token, commit_message=args.commit_message,
+                                   dry_run=args.dry_run)
+    where = f"{result.repo_id} ({args.revision or 'main'}{', pull request' if args.create_pr else ''})"
+    print(f"{'would upload' if args.dry_run else 'uploaded'} {args.source} to dataset {where}: {summary['images']:,} images "
+          f"in {summary['shards']} shard(s), with {' and '.join(summary['files'])}")
+    if not args.dry_run:
+        print(f"repo: {result.repo_url}")
+        print(f"commit: {result.commit_url}")
+        if result.pr_url:
+            print(f"pull request: {result.pr_url}")

@@ -124,10 +124,9 @@ def push_checkpoint(
 
 
 def load_curated(curated_dir: str | Path):
-    """The ``dinov2-hf curate`` output as a ``datasets.DatasetDict`` (train split; Image feature, original bytes)
-    and its dataset card."""
+    """The ``dinov2-hf curate`` output as a ``datasets.DatasetDict`` (a train split; the Image feature with the
+    original bytes). A FileNotFoundError names what is missing."""
     from datasets import load_dataset
-    from huggingface_hub import DatasetCard
 
     folder = Path(curated_dir)
     shards = sorted((folder / "data").glob("train-*.parquet"))
@@ -135,8 +134,7 @@ def load_curated(curated_dir: str | Path):
         raise FileNotFoundError(
             f"{folder} is not a `dinov2-hf curate` output (needs data/train-*.parquet and README.md): pass its output.output_dir."
         )
-    dataset = load_dataset("parquet", data_files={"train": [str(s) for s in shards]})
-    return dataset, DatasetCard.load(folder / "README.md")
+    return load_dataset("parquet", data_files={"train": [str(s) for s in shards]})
 
 
 def push_dataset(
@@ -148,16 +146,27 @@ def push_dataset(
     create_pr: bool = False,
     token: str | None = None,
     commit_message: str | None = None,
-) -> PushResult:
-    """Publish a curated dataset with ``datasets``' ``push_to_hub`` (parquet shards, dataset_info and configs
-    in the card), the curation card's text and metadata kept: the card goes up first and ``push_to_hub``
-    merges its own metadata into it."""
+    dry_run: bool = False,
+) -> tuple[PushResult, dict]:
+    """Publish a curated dataset: its card and ``manifest.csv`` in one commit (which opens the pull request
+    with ``create_pr``), then the images with ``datasets``' ``push_to_hub`` (parquet shards), which merges its
+    ``dataset_info`` and ``configs`` into that card, keeping the curation card's text and metadata.
+
+    Returns the result and a summary (``images``, ``shards``, ``files`` sent besides the shards);
+    ``dry_run`` checks and summarises only (no token or network).
+    """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     check_target(repo_id, revision, create_pr)
-    token = resolve_token(token)
-    dataset, card = load_curated(curated_dir)
+    if not dry_run:
+        token = resolve_token(token)
+    dataset = load_curated(curated_dir)
+    sidecars = [name for name in ("README.md", "manifest.csv") if (Path(curated_dir) / name).is_file()]
+    summary = {"images": dataset["train"].num_rows, "shards": len(list((Path(curated_dir) / "data").glob("train-*.parquet"))),
+               "files": sidecars}
+    if dry_run:
+        return PushResult(repo_id, f"https://huggingface.co/datasets/{repo_id}", None, None, sidecars), summary
     api = HfApi(token=token, library_name="dinov2_hf")
     message = commit_message or "Upload curated dataset with dinov2_hf"
     try:
@@ -165,16 +174,13 @@ def push_dataset(
         repo_id = repo_url.repo_id
         if revision and revision != "main" and not revision.startswith("refs/"):
             api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True)
-        # The card and the provenance manifest first (one commit, opening the pull request with create_pr);
-        # push_to_hub then adds the shards and merges its dataset_info / configs into that card.
         first = api.upload_folder(
-            repo_id=repo_id, repo_type="dataset", folder_path=curated_dir, allow_patterns=["README.md", "manifest.csv"],
+            repo_id=repo_id, repo_type="dataset", folder_path=curated_dir, allow_patterns=sidecars,
             revision=None if create_pr else revision, create_pr=create_pr or None, commit_message=f"{message}: dataset card",
         )
-        if create_pr:
-            revision = first.pr_revision
-        info = dataset.push_to_hub(repo_id, token=token, revision=revision, commit_message=message, private=private)
+        # datasets reads the card just committed from the Hub and adds its metadata to it.
+        info = dataset.push_to_hub(repo_id, token=token, revision=first.pr_revision if create_pr else revision,
+                                   commit_message=message, private=private)
     except HfHubHTTPError as error:
         raise RuntimeError(f"upload to {repo_id} failed: {error}. Nothing local was changed; rerun the same command.") from error
-    files = sorted(p.relative_to(curated_dir).as_posix() for p in Path(curated_dir).rglob("*") if p.is_file() and p.name != "manifest.csv")
-    return PushResult(repo_id, str(repo_url), info.commit_url, first.pr_url, files)
+    return PushResult(repo_id, str(repo_url), info.commit_url, first.pr_url, sidecars), summary

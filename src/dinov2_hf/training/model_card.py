@@ -106,6 +106,36 @@ def _compute_table(config, steps: int | None, compute: dict | None) -> str:
     return "".join(f"| {key} | {value} |\n" for key, value in rows)
 
 
+FORMATS = {
+    "transformers": "stock transformers (`Dinov2Model` / `Dinov2WithRegistersModel`, no custom code)",
+    "dinov2_hf": "dinov2_hf (config with `auto_map` and the modeling code: `trust_remote_code=True`)",
+}
+
+
+def _summary(config, steps: int | None, export_format: str, base_model: str | None, subfolders: dict[str, str]) -> str:
+    """What the backbone is, what it was trained on, its format and the repo's other folders."""
+    if config is None:
+        what = "A DINOv2 backbone"
+    elif config.distill.teacher:
+        what = f"The EMA of a student distilled from the DINOv2 teacher `{config.distill.teacher}`"
+        if base_model and base_model != config.distill.teacher:
+            what += f" ([{base_model}](https://huggingface.co/{base_model}))"
+    else:
+        what = "The EMA teacher backbone of a DINOv2 run (DINO + iBOT + KoLeo, multi-crop)"
+    if steps is not None:
+        what += f", after {steps} steps"
+    lines = [what + (f" with {config.train.batch_size_per_device} images per device." if config is not None else ".")]
+    if config is not None:
+        lines.append(f"Data: `{config.data.source}` (split `{config.data.split}`).")
+    lines.append(f"Format: {FORMATS[export_format]}.")
+    lines += [""] + [
+        f"- `{folder}/`: the same backbone, format {FORMATS[fmt]}, with the EMA DINO/iBOT heads (`heads.safetensors`) "
+        "and the recipe (`train_config.yaml`) for continued training or distillation."
+        for fmt, folder in subfolders.items()
+    ]
+    return "\n".join(lines).rstrip("\n")
+
+
 def model_card(
     path: str,
     export_format: str = "transformers",
@@ -129,7 +159,7 @@ def model_card(
     eval_results = list(eval_results)
     datasets = [config.data.source] if config is not None and is_hub_id(config.data.source) else None
     teacher = config.distill.teacher if config is not None else ""
-    base_model = teacher_repo_id(teacher) if teacher else None
+    base_model = teacher_repo_id(teacher) if teacher else None  # omitted rather than an invalid value
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-feature-extraction",
@@ -140,31 +170,13 @@ def model_card(
         model_name=(model_name or "dinov2_hf backbone") if eval_results else None,  # model-index needs a name
         eval_results=eval_results or None,
     )
-    if config is None:
-        what = "A DINOv2 backbone"
-    elif teacher:
-        what = f"The EMA of a student distilled from the DINOv2 teacher `{teacher}`"
-        what += f" ([{base_model}](https://huggingface.co/{base_model}))" if base_model and base_model != teacher else ""
-    else:
-        what = "The EMA teacher backbone of a DINOv2 run (DINO + iBOT + KoLeo, multi-crop)"
-    sentences = [what + (f", after {steps} steps" if steps is not None else "")]
-    if config is not None:
-        sentences[0] += f" with {config.train.batch_size_per_device} images per device"
-        sentences.append(f"Data: `{config.data.source}` (split `{config.data.split}`).")
-    sentences[0] += "."
-    formats = {"transformers": "stock transformers `Dinov2Model` / `Dinov2WithRegistersModel` (no custom code)",
-               "dinov2_hf": "dinov2_hf (config with `auto_map` and the modeling code)"}
-    sentences.append(f"Format: {formats[export_format]}.")
     subfolders = subfolders or {}
-    layout = "".join(
-        f"\n- `{folder}/`: the same backbone in {formats[fmt]} format, with the EMA DINO/iBOT heads (`heads.safetensors`) "
-        "and the recipe (`train_config.yaml`) for continued training or distillation."
-        for fmt, folder in subfolders.items()
+    usage = "\n\n".join(
+        [USAGE[export_format].format(path=path, subfolder="")]
+        + [USAGE[fmt].format(path=path, subfolder=f', subfolder="{folder}"') for fmt, folder in subfolders.items()]
     )
-    usage = USAGE[export_format].format(path=path, subfolder="")
-    for fmt, folder in subfolders.items():
-        usage += "\n\n" + USAGE[fmt].format(path=path, subfolder=f', subfolder="{folder}"')
-    sections = [f"# {model_name or 'DINOv2 backbone trained with dinov2_hf'}\n\n" + "\n".join(sentences) + (f"\n{layout}" if layout else "")]
+    title = model_name or "DINOv2 backbone trained with dinov2_hf"
+    sections = [f"# {title}\n\n{_summary(config, steps, export_format, base_model, subfolders)}"]
     sections.append(f"## Usage\n\n{usage}")
     if pca_image:
         sections.append(
