@@ -193,12 +193,31 @@ def test_push_failures_are_clear_and_leave_the_source_alone(run, monkeypatch, ca
 
 
 def test_dry_run_stages_without_token_or_network(run, tmp_path, capsys):
-    from dinov2_hf.cli import main
+    import shutil
 
-    assert main(["push", str(run / "run" / "export" / "transformers"), "me/tiny", "--dry-run", "--stage-dir", str(tmp_path / "stage")]) == 0
+    from huggingface_hub import ModelCard
+
+    from dinov2_hf.cli import main
+    from dinov2_hf.eval.results import update_model_card
+
+    # an export whose card already holds results (dinov2-hf eval --model-card), pushed with more results
+    export = shutil.copytree(run / "run" / "export", tmp_path / "export")
+    linear = {"task": "linear", "metrics": {"top1": 0.4}, "dataset": {"test": "cifar10 [test]"}}
+    stale_knn = {"task": "knn", "metrics": {"top1_k20": 0.1}, "dataset": {"test": "cifar10 [test]"}}
+    update_model_card(export / "transformers" / "README.md", [linear, stale_knn], model_name="tiny")
+    args = ["push", str(export / "transformers"), "me/tiny", "--dry-run", "--stage-dir", str(tmp_path / "stage"),
+            "--eval-results", str(run / "knn.json")]
+    assert main(args) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith("would upload 12 files from") and printed[-1] == f"staged in {tmp_path / 'stage'}"
-    assert {line.strip() for line in printed[1:-1]} == STOCK_FILES | {f"dinov2_hf/{name}" for name in OURS_FILES}
+    # an export copied away from its run: no checkpoint beside it, so no heads or recipe to add
+    assert printed[0] == f"would upload 10 files from {export / 'transformers'} to me/tiny (main), format both:"
+    assert printed[-1] == f"staged in {tmp_path / 'stage'}"
+    without_run = OURS_FILES - {"heads.safetensors", "train_config.yaml"}
+    assert {line.strip() for line in printed[1:-1]} == STOCK_FILES | {f"dinov2_hf/{name}" for name in without_run}
+    values = {e.metric_name: e.metric_value for e in ModelCard.load(tmp_path / "stage" / "README.md").data.eval_results}
+    assert values == {"Linear probe top-1": 0.4, "kNN top-1 (k=10)": 0.25, "kNN top-1 (k=20)": 0.3125}  # the file's kNN replaced the card's
+    assert main(["push", str(run / "run"), "me/tiny", "--dry-run", "--eval-results", str(tmp_path / "missing.json")]) == 2
+    assert "eval results file" in capsys.readouterr().err
 
 
 def test_push_to_hub_after_training(cifar_dir, tmp_path, monkeypatch):

@@ -49,7 +49,7 @@ def add_push_parser(subparsers) -> None:
 def run_push(args: argparse.Namespace) -> None:
     from .push import push_checkpoint
 
-    result, staged = push_checkpoint(
+    result, _ = push_checkpoint(
         args.source, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr, fmt=args.fmt,
         token=args.token, commit_message=args.commit_message, eval_results=args.eval_results, dry_run=args.dry_run,
         staging_dir=args.stage_dir,

@@ -184,71 +184,47 @@ class StagedUpload:
     steps: int | None
 
 
-def stage_upload(
-    source: str | Path,
-    folder: str | Path,
-    fmt: str = "both",
-    repo_id: str | None = None,
-    eval_files: list[str | Path] = (),
-) -> StagedUpload:
-    """Stage SOURCE's backbone in ``folder`` (created; must not exist) in layout ``fmt``, with a model card
-    whose usage code loads ``repo_id`` (or the folder), model-index entries from ``eval_files`` (``dinov2-hf eval
-    --output`` JSON) and those already in the export's card, and the PCA feature image."""
-    from huggingface_hub import ModelCard
-    from PIL import Image
-    from safetensors.torch import save_file
-    from sklearn.datasets import load_sample_image
-
-    from ..eval.results import eval_results
-    from ..eval.visualize import pca_figure
-    from ..modeling.convert import export_transformers, save_ours
-    from ..modeling.loading import load_backbone
-    from ..training.model_card import model_card
-
-    if fmt not in FORMATS:
-        raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}.")
+def read_eval_records(files: list[str | Path]) -> list[dict]:
+    """``dinov2-hf eval --output`` JSON records; a missing or foreign file fails naming it."""
     records = []
-    for file in eval_files:  # read before any work: a bad file stops here
+    for file in files:
         if not Path(file).is_file():
             raise FileNotFoundError(f"eval results file {file} does not exist (write one with `dinov2-hf eval ... --output FILE`).")
         record = json.loads(Path(file).read_text())
         if "task" not in record or "metrics" not in record:
             raise ValueError(f"{file} is not a `dinov2-hf eval --output` results file (needs task and metrics).")
         records.append(record)
-    run = resolve_source(source)
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
-        raise FileExistsError(f"staging folder {folder} is not empty.")
-    folder.mkdir(parents=True, exist_ok=True)
-    scratch = folder.parent / f".{folder.name}-scratch"
+    return records
 
-    heads: dict = {}
-    backbone = None
+
+def _stage_backbones(run: RunSource, stock_dir: Path | None, ours_dir: Path | None, scratch: Path) -> None:
+    """Copy the run's exports into the staging folders; export the missing formats from the checkpoint (or
+    convert the one export there is); the EMA heads and the recipe go beside our format."""
+    from safetensors.torch import save_file
+
+    from ..modeling.convert import export_transformers, save_ours
+    from ..modeling.loading import load_backbone
+
+    backbone, heads, crop = None, {}, None
     if run.checkpoint is not None and run.config is not None:
         backbone, heads, crop = checkpoint_backbone(run.checkpoint, run.config)
-    stock_dir = ours_dir = None
-    root_format = "dinov2_hf" if fmt == "ours" else "transformers"
-    if fmt in ("stock", "both"):
-        stock_dir = folder
-    if fmt in ("ours", "both"):
-        ours_dir = folder if fmt == "ours" else folder / OURS_SUBFOLDER
+    elif not run.exports:
+        raise FileNotFoundError(
+            f"{run.checkpoint} has no train_config.yaml (checkpoints carry it since distillation support): "
+            "push the run's export/ folder instead."
+        )
     try:
-        for export_format, target in (("transformers", stock_dir), ("dinov2_hf", ours_dir)):
+        for export_format, target in (("transformers", stock_dir), (OURS_SUBFOLDER, ours_dir)):
             if target is None:
                 continue
             if export_format in run.exports:  # the run's own export, as written at the end of training
                 _copy_backbone(run.exports[export_format], target, export_format)
                 continue
-            if backbone is None and not run.exports:
-                raise FileNotFoundError(
-                    f"{run.checkpoint} has no {'train_config.yaml'} (checkpoints carry it since distillation support): "
-                    "push the run's export/ folder instead."
-                )
-            if backbone is None:  # the other format only: convert it
+            if backbone is None:  # only the other format was exported: convert it
                 other = next(iter(run.exports.values()))
-                backbone, _ = load_backbone(other)
-                crop = _crop_size(other)
-            (export_transformers if export_format == "transformers" else save_ours)(backbone, scratch / export_format, crop_size=crop)
+                backbone, crop = load_backbone(other)[0], _crop_size(other)
+            save = export_transformers if export_format == "transformers" else save_ours
+            save(backbone, scratch / export_format, crop_size=crop)
             _copy_backbone(scratch / export_format, target, export_format)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -258,22 +234,61 @@ def stage_upload(
         if run.checkpoint is not None and (run.checkpoint / "train_config.yaml").is_file():
             shutil.copy2(run.checkpoint / "train_config.yaml", ours_dir / "train_config.yaml")
 
-    # Model-index: what the export's card already had (dinov2-hf eval --model-card) plus the given files.
-    results = []
+
+def _eval_results(run: RunSource, records: list[dict]) -> list:
+    """Model-index entries: those already in the exports' cards (``dinov2-hf eval --model-card``), replaced
+    by those of ``records`` for the same task, dataset, split and metric."""
+    from huggingface_hub import ModelCard
+
+    from ..eval.results import eval_results
+
+    key = lambda e: (e.task_type, e.dataset_name, e.dataset_split, e.metric_name)  # noqa: E731
+    entries = {}
     for export in run.exports.values():
         if (export / "README.md").is_file():
-            results += list(ModelCard.load(export / "README.md", ignore_metadata_errors=True).data.eval_results or [])
-    new = [entry for record in records for entry in eval_results(record)]
-    key = lambda e: (e.task_type, e.dataset_name, e.dataset_split, e.metric_name)  # noqa: E731
-    results = [e for e in results if key(e) not in {key(n) for n in new}] + new
-    unique = {key(e): e for e in results}
+            for entry in ModelCard.load(export / "README.md", ignore_metadata_errors=True).data.eval_results or []:
+                entries[key(entry)] = entry
+    for record in records:
+        for entry in eval_results(record):
+            entries[key(entry)] = entry
+    return list(entries.values())
+
+
+def stage_upload(
+    source: str | Path,
+    folder: str | Path,
+    fmt: str = "both",
+    repo_id: str | None = None,
+    eval_files: list[str | Path] = (),
+) -> StagedUpload:
+    """Stage SOURCE's backbone in ``folder`` (created; must be new or empty) in layout ``fmt``, with a model
+    card whose usage code loads ``repo_id`` (or the folder), model-index entries from ``eval_files``
+    (``dinov2-hf eval --output`` JSON) and those already in the export's card, and the PCA feature image."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    from ..eval.visualize import pca_figure
+    from ..modeling.loading import load_backbone
+    from ..training.model_card import model_card
+
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}.")
+    records = read_eval_records(list(eval_files))  # before any work: a bad file stops here
+    run = resolve_source(source)
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise ValueError(f"staging folder {folder} is not empty: pass a new folder.")
+    folder.mkdir(parents=True, exist_ok=True)
+    stock_dir = folder if fmt in ("stock", "both") else None
+    ours_dir = {"ours": folder, "both": folder / OURS_SUBFOLDER}.get(fmt)
+    _stage_backbones(run, stock_dir, ours_dir, scratch=folder.parent / f".{folder.name}-scratch")
 
     model, _ = load_backbone(ours_dir or stock_dir)
     pca_figure(model, Image.fromarray(load_sample_image("china.jpg"))).save(folder / PCA_IMAGE)
-    path = repo_id or str(folder)
     card = model_card(
-        path, root_format, config=run.config, steps=run.steps, last_record=run.last_record, compute=run.compute,
-        eval_results=list(unique.values()), model_name=repo_id.split("/")[-1] if repo_id else None, pca_image=PCA_IMAGE,
+        repo_id or str(folder), "dinov2_hf" if fmt == "ours" else "transformers", config=run.config, steps=run.steps,
+        last_record=run.last_record, compute=run.compute, eval_results=_eval_results(run, records),
+        model_name=repo_id.split("/")[-1] if repo_id else None, pca_image=PCA_IMAGE,
         subfolders={"dinov2_hf": OURS_SUBFOLDER} if fmt == "both" else None,
     )
     card.save(folder / "README.md")
