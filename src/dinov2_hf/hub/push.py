@@ -55,6 +55,7 @@ def resolve_token(token: str | None = None) -> str:
 
 
 def check_target(repo_id: str, revision: str | None, create_pr: bool) -> None:
+    """A ValueError for an invalid repo id, or for ``create_pr`` with a revision (pull requests target main)."""
     check_repo_id(repo_id)
     if create_pr and revision not in (None, "", "main"):
         raise ValueError(f"--create-pr opens the pull request against the default branch; drop --revision {revision} or --create-pr.")
