@@ -12,7 +12,7 @@ EXACT = ("pool rows", "pool undecodable", "exact duplicates removed", "eval-set 
          "curated written", "written", "wrote ")
 
 
-def readme_curate_commands() -> list[tuple[str, list[str]]]:
+def readme_curate_commands(subcommand: str = "curate") -> list[tuple[str, list[str]]]:
     commands = []
     for block in re.findall(r"```text\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S):
         for line in block.splitlines():
@@ -20,7 +20,7 @@ def readme_curate_commands() -> list[tuple[str, list[str]]]:
                 commands.append((line[2:], []))
             elif commands:
                 commands[-1][1].append(line)
-    return [(command, shown) for command, shown in commands if command.split()[1] == "curate"]
+    return [(command, shown) for command, shown in commands if command.split()[1] == subcommand]
 
 
 def test_readme_curate_command_runs_as_shown(tmp_path, cifar_dir):
@@ -41,3 +41,9 @@ def test_readme_curate_command_runs_as_shown(tmp_path, cifar_dir):
             key = expected.split(":")[0]
             assert any(line.startswith(key + ":") for line in printed), (key, printed)
     assert (tmp_path / "curated-demo" / "data" / "train-00000-of-00001.parquet").is_file()
+    # the README's push-dataset example publishes this output (--dry-run: no token or network)
+    [(command, shown)] = readme_curate_commands("push-dataset")
+    result = subprocess.run([sys.executable, "-m", "dinov2_hf.cli", *command.split()[1:]], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == shown

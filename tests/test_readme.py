@@ -48,12 +48,13 @@ def test_readme_cli_commands_run_as_shown(tmp_path, cifar_dir):
     assert Path(executable).exists(), "the dinov2-hf console script is not installed (pip install -e .)"
     # The README's input: a Meta-format file with the released ViT-S/14-reg4 shapes (random weights).
     torch.save(meta_state_dict(dim=384, depth=12, grid=37, registers=4), tmp_path / "dinov2_vits14_reg4_pretrain.pth")
-    # eval, curate and the ONNX export have their own README tests (test_eval_readme.py,
-    # test_curate_readme.py, test_onnx_export.py)
-    commands = [c for c in readme_cli_commands() if c[0].split()[1] not in ("eval", "curate") and "--to onnx" not in c[0]]
-    assert [c.split()[1] for c, _ in commands] == ["demo", "train", "distill", "convert", "convert", "export", "demo"]
-    # Run in dependency order: train writes distill's teacher; the export makes the second convert's input.
-    order = [0, 1, 2, 3, 5, 4, 6]
+    # eval, curate (with push-dataset) and the ONNX export have their own README tests
+    # (test_eval_readme.py, test_curate_readme.py, test_onnx_export.py)
+    commands = [c for c in readme_cli_commands()
+                if c[0].split()[1] not in ("eval", "curate", "push-dataset") and "--to onnx" not in c[0]]
+    assert [c.split()[1] for c, _ in commands] == ["demo", "train", "distill", "convert", "convert", "export", "demo", "push"]
+    # Run in dependency order: train writes distill's teacher and push's source; the export makes the second convert's input.
+    order = [0, 1, 2, 3, 5, 4, 6, 7]
     for index in order:
         command, shown = commands[index]
         command = command.replace("../shared/data/cifar10", str(cifar_dir))

@@ -62,7 +62,11 @@ def test_bad_images_are_counted_and_export_loads_in_stock_transformers(cifar_dir
     model = AutoModel.from_pretrained(export)
     processor = AutoImageProcessor.from_pretrained(export)
     assert type(model).__name__ == "Dinov2Model" and processor.crop_size.height == 32
-    image = __import__("PIL.Image", fromlist=["Image"]).fromarray((np.random.RandomState(0).rand(40, 40, 3) * 255).astype("uint8"))
+    from PIL import Image
+
+    # the cards' usage code opens image.jpg: write it, and compute the reference from what it reads back
+    Image.fromarray((np.random.RandomState(0).rand(40, 40, 3) * 255).astype("uint8")).save(tmp_path / "image.jpg")
+    image = Image.open(tmp_path / "image.jpg").convert("RGB")
     features = model(**processor(image, return_tensors="pt")).pooler_output
     assert features.shape == (1, 48)
     assert (tmp_path / "run" / "export" / "dinov2_hf" / "modeling_dinov2_hf.py").is_file()
@@ -73,7 +77,9 @@ def test_bad_images_are_counted_and_export_loads_in_stock_transformers(cifar_dir
 
 
 def check_model_cards(run, image, expected_features):
-    """Each export carries a card that parses, records recipe/data/steps, and whose usage code works."""
+    """Each export carries a card that parses, records recipe/data/steps/compute, and whose usage code runs as
+    written (in the folder that holds image.jpg)."""
+    import os
     import re
 
     import yaml
@@ -86,8 +92,13 @@ def check_model_cards(run, image, expected_features):
         assert "after 8 steps" in card.text and "| skipped_images | 4 |" in card.text
         recipe = yaml.safe_load(re.search(r"```yaml\n(.*?)```", card.text, flags=re.S).group(1))
         assert recipe["train"]["max_steps"] == 8 and recipe["data"]["source"].endswith("data")
-        namespace = {"image": image}
-        exec(re.search(r"```python\n(.*?)```", card.text, flags=re.S).group(1), namespace)
+        assert "| processes | 1 (cpu) |" in card.text and "| optimizer steps | 8 |" in card.text
+        namespace, cwd = {}, os.getcwd()
+        os.chdir(run.parent)  # where image.jpg is
+        try:
+            exec(re.search(r"```python\n(.*?)```", card.text, flags=re.S).group(1), namespace)
+        finally:
+            os.chdir(cwd)
         torch.testing.assert_close(namespace["features"], expected_features, rtol=1e-4, atol=1e-5)
 
 

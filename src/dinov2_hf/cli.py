@@ -1,4 +1,5 @@
-"""The ``dinov2-hf`` command line: ``demo``, ``train``, ``distill``, ``convert``, ``export``, ``eval`` and ``curate``.
+"""The ``dinov2-hf`` command line: ``demo``, ``train``, ``distill``, ``convert``, ``export``, ``eval``, ``curate``,
+``push`` and ``push-dataset``.
 
 Each subcommand validates its inputs (files exist, formats are known) before loading any weights.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from .curate.cli import add_curate_parser
 from .eval.cli import add_eval_parser
+from .hub.cli import add_push_parser
 
 
 def _add_demo(subparsers) -> None:
@@ -141,6 +143,12 @@ def run_train(args: argparse.Namespace) -> None:
         if trainer.final_knn is not None:
             baseline = f"{trainer.initial_knn:.1%} at initialisation -> " if trainer.initial_knn is not None else ""
             print(f"kNN top-1 (k={config.monitor.k}) on {config.monitor.source}: {baseline}{trainer.final_knn:.1%} exported")
+        if trainer.push_result is not None:
+            print(f"pushed to {trainer.push_result.repo_url}: {trainer.push_result.pr_url or trainer.push_result.commit_url}")
+        elif trainer.push_error is not None:
+            print(f"push to {config.hub.repo_id} failed: {trainer.push_error}; the export is kept. "
+                  f"Retry with: dinov2-hf push {trainer.output_dir} {config.hub.repo_id}")
+            raise SystemExit(1)
 
 
 def _let_arrow_threads_finish() -> None:
@@ -313,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(subparsers)
     add_eval_parser(subparsers)
     add_curate_parser(subparsers)
+    add_push_parser(subparsers)
     return parser
 
 

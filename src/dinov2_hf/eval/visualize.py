@@ -147,3 +147,15 @@ def save_figures(
         written["matches"].append(output_dir / f"matches_{i:03d}_{i + 1:03d}.png")
         draw_matches(resized[i], resized[i + 1], matches, maps.shape[-2:]).save(written["matches"][-1])
     return written
+
+
+def pca_figure(model: torch.nn.Module, image: Image.Image, size: int = 224) -> Image.Image:
+    """``image`` and the PCA map of its patch features side by side (the model card's feature figure)."""
+    from .dense import patch_feature_maps, to_pixel_values
+
+    maps = patch_feature_maps(model, to_pixel_values([image], size))
+    rgb, _ = pca_rgb(maps)
+    pair = Image.new("RGB", (2 * size, size))
+    pair.paste(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), (0, 0))
+    pair.paste(Image.fromarray(rgb[0]).resize((size, size), Image.Resampling.NEAREST), (size, 0))
+    return pair

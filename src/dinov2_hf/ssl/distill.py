@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..data.collate import MultiCropCollator
+from ..hub.staging import HEADS_FILE as PUBLISHED_HEADS  # beside the backbone in a pushed repo's dinov2_hf/
 from .config import SSLConfig
 from ..modeling import Dinov2HFModel
 from .meta_arch import SSLMetaArch, StudentWithEMA, build_student_config
@@ -27,18 +28,24 @@ TEACHER_CONFIG = "train_config.yaml"  # written into every training checkpoint
 
 
 def load_teacher(checkpoint: str | Path) -> tuple[nn.ModuleDict, SSLConfig]:
-    """The frozen EMA teacher (backbone + heads) of one of our training checkpoints, and its recipe."""
+    """The frozen EMA teacher (backbone + heads) and its recipe, from one of our training checkpoints or from
+    a published ``dinov2_hf/`` folder (``dinov2-hf push``: backbone weights, ``heads.safetensors``, recipe)."""
     from ..training.config import load_train_config
 
     folder = Path(checkpoint)
+    published = (folder / PUBLISHED_HEADS).is_file()
     if not (folder / TEACHER_CONFIG).is_file() or not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(
             f"distill.teacher={folder} is not a training checkpoint of ours (needs {TEACHER_CONFIG} and model.safetensors): "
-            "pass an output_dir/checkpoints/checkpoint-<step> folder of a dinov2_hf run."
+            "pass an output_dir/checkpoints/checkpoint-<step> folder of a dinov2_hf run, or the dinov2_hf/ folder of a pushed repo."
         )
     config = load_train_config(folder / TEACHER_CONFIG)
     arch = SSLMetaArch(config)
-    state = {k[len("teacher.") :]: v for k, v in load_file(folder / "model.safetensors").items() if k.startswith("teacher.")}
+    if published:
+        state = {f"backbone.{k}": v for k, v in load_file(folder / "model.safetensors").items()}
+        state.update(load_file(folder / PUBLISHED_HEADS))
+    else:
+        state = {k[len("teacher.") :]: v for k, v in load_file(folder / "model.safetensors").items() if k.startswith("teacher.")}
     arch.teacher.load_state_dict(state, strict=True)
     return arch.teacher, config
 

@@ -92,12 +92,39 @@ class DistillSettings:
 
 
 @dataclass
+class HubSettings:
+    """Publish the export on the Hub when training ends (main process; see ``dinov2-hf push``).
+
+    ``format``: ``both`` (stock transformers at the root, ours with the heads in ``dinov2_hf/``), ``stock`` or
+    ``ours``. ``revision``: a branch (created if missing). A failed push is reported; the export stays.
+    """
+
+    push_to_hub: bool = False
+    repo_id: str = ""
+    private: bool = False
+    revision: str = ""
+    create_pr: bool = False
+    format: Literal["stock", "ours", "both"] = "both"
+    commit_message: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.push_to_hub:
+            return
+        if not self.repo_id:
+            raise ValueError("push_to_hub=true needs hub.repo_id (e.g. hub.repo_id=my-user/dinov2-small-cifar).")
+        from ..hub.push import check_target
+
+        check_target(self.repo_id, self.revision or None, self.create_pr)
+
+
+@dataclass
 class TrainConfig(SSLConfig):
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainerSettings = field(default_factory=TrainerSettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
     adaptation: AdaptationSettings = field(default_factory=AdaptationSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
+    hub: HubSettings = field(default_factory=HubSettings)
 
     @property
     def main_steps(self) -> int:

@@ -112,6 +112,10 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         train = config.train
+        if config.hub.push_to_hub:
+            from ..hub import resolve_token
+
+            resolve_token()  # no token (or offline): stop now, not after training
         # `accelerate launch` with a DDP or FSDP config starts torchrun processes; without an accelerator
         # Accelerate would make each a lone process (its CPU launch flags give one process), so they
         # become gloo ranks here. Its FSDP plugin is accelerator-only: such CPU ranks are sharded below
@@ -157,6 +161,10 @@ class Trainer:
         self.initial_knn: float | None = None  # kNN monitor at step 0 and of the exported teacher
         self.final_knn: float | None = None
         self._last_collapse_warning = -(10**9)
+        self.train_seconds = 0.0  # wall time of the steps so far, over resumed sessions (for the model card)
+        self._session_start = time.perf_counter()
+        self.push_result = None  # hub.push_to_hub: the PushResult, or the error that stopped the push
+        self.push_error: Exception | None = None
 
     def _build_phases(self, patch_size: int) -> list[Phase]:
         """The main phase and, if configured, the resolution-adaptation phase after it."""
@@ -293,8 +301,9 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         root = self.output_dir / "checkpoints"
-        state = {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "skipped_images": self.skipped_images}
         accelerator = self.accelerator
+        state = {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "skipped_images": self.skipped_images,
+                 **self.compute_record()}
         accelerator.unwrap_model(self.model).apply_pending_center_updates()  # rank-local buffers -> shared
         with atomic_checkpoint(root, self.step, accelerator.is_main_process, accelerator.wait_for_everyone) as folder:
             if self.sharded:
@@ -309,6 +318,13 @@ class Trainer:
         if accelerator.is_main_process:
             prune_checkpoints(root, self.config.train.keep_last)
         return root / f"checkpoint-{self.step}"
+
+    def compute_record(self) -> dict:
+        """Processes, device, precision and training wall time so far: the model card's compute section."""
+        accelerator = self.accelerator
+        return {"num_processes": accelerator.num_processes, "device": accelerator.device.type,
+                "mixed_precision": accelerator.mixed_precision,
+                "train_seconds": round(self.train_seconds + time.perf_counter() - self._session_start, 1)}
 
     def maybe_resume(self) -> None:
         resume = self.config.train.resume
@@ -327,6 +343,8 @@ class Trainer:
         state = json.loads((path / TRAINER_STATE).read_text())
         self.step, self.epoch = state["step"], state["epoch"]
         self.batches_in_epoch, self.skipped_images = state["batches_in_epoch"], state["skipped_images"]
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self._session_start = time.perf_counter()
         metrics = self.output_dir / METRICS_FILE
         if self.accelerator.is_main_process and metrics.is_file():  # drop steps the checkpoint does not hold
             lines = metrics.read_text().splitlines(keepends=True)
@@ -375,6 +393,7 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         set_seed(self.config.train.seed)  # drop path draws from the global RNG: same start whatever ran since __init__
         self.maybe_resume()  # (a resumed run restores the saved RNG states instead)
+        self._session_start = time.perf_counter()
         total, history = self.config.total_steps, []
         self.accelerator.init_trackers("dinov2_hf", config={k: str(v) for k, v in to_dict(self.config).items()})
         accumulation = self.config.train.gradient_accumulation_steps
@@ -438,6 +457,8 @@ class Trainer:
             if self.config.monitor.every and self._monitoring():
                 self.final_knn = self.knn_monitor()  # of the teacher, i.e. the exported backbone
             self.export(history[-1] if history else None)
+            if self.config.hub.push_to_hub and self.accelerator.is_main_process:
+                self.push()
         self.accelerator.end_training()
         return history
 
@@ -458,7 +479,25 @@ class Trainer:
             export_transformers(backbone, export_dir / "transformers", crop_size=crop)
             for export_format in ("dinov2_hf", "transformers"):
                 folder = export_dir / export_format
-                card = training_model_card(self.config, self.step, last_record, export_format, folder)
+                card = training_model_card(self.config, self.step, last_record, export_format, folder, self.compute_record())
                 card.save(folder / "README.md")
         self.accelerator.wait_for_everyone()
         return export_dir
+
+    def push(self):
+        """Publish the export (``hub`` settings) from the main process. A failure is logged and kept in
+        ``push_error``: the export and checkpoints stay, and ``dinov2-hf push OUTPUT_DIR REPO_ID`` retries."""
+        from ..hub import push_checkpoint
+
+        hub = self.config.hub
+        try:
+            self.push_result, _ = push_checkpoint(
+                self.output_dir, hub.repo_id, private=hub.private, revision=hub.revision or None, create_pr=hub.create_pr,
+                fmt=hub.format, commit_message=hub.commit_message or None,
+            )
+            logger.info("Pushed %s to %s", self.output_dir / "export", self.push_result.commit_url)
+        except Exception as error:  # the export must survive any push failure
+            self.push_error = error
+            logger.error("Push to %s failed: %s. The export is in %s; retry with `dinov2-hf push %s %s`.",
+                         hub.repo_id, error, self.output_dir / "export", self.output_dir, hub.repo_id)
+        return self.push_result
