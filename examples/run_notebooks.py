@@ -46,11 +46,13 @@ def kernel_spec_manager(folder: Path):
 def kernel_environment() -> dict[str, str]:
     """This process's environment, with ``dinov2_hf``'s source folder first on PYTHONPATH, so the
     kernel imports the same copy of the package even from another working folder."""
-    import dinov2_hf
+    import importlib.util
 
     env = dict(os.environ)
-    source = str(Path(dinov2_hf.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([source, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
+    spec = importlib.util.find_spec("dinov2_hf")  # locates the package without importing torch
+    if spec is not None and spec.origin:
+        source = str(Path(spec.origin).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([source, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
     return env
 
 
