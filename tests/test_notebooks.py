@@ -48,8 +48,13 @@ def test_the_notebooks_are_there():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
-def test_notebook_runs_top_to_bottom(path, tmp_path, capsys):
+def test_notebook_runs_top_to_bottom(path, tmp_path, capsys, monkeypatch):
     import nbformat
+
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        # Kernels of parallel workers share the cores: one thread each instead of spinning against each other.
+        for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            monkeypatch.setenv(variable, "1")
 
     # A first cell proves the kernel is this interpreter, offline, with this checkout's dinov2_hf.
     import dinov2_hf
