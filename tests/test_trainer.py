@@ -231,3 +231,23 @@ def test_training_step_accumulates_like_the_mean_loss():
     assert record["loss"] == pytest.approx(reference_loss, rel=1e-6)
     for name, value in states[0].items():
         torch.testing.assert_close(value, states[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_train_puts_the_signal_handlers_back(cifar_dir, tmp_path):
+    """SIGINT/SIGTERM stop training gracefully while it runs; afterwards (e.g. in a notebook, where an
+    interrupt must raise KeyboardInterrupt in later cells) the previous handlers are back."""
+    import signal
+
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    data = write_cifar_subset(cifar_dir, tmp_path / "data", rows=32)
+    trainer = Trainer(tiny_config(data, tmp_path / "run", max_steps=1))
+    during, train_step = {}, trainer.train_step
+
+    def step(batch):
+        during.update({signum: signal.getsignal(signum) for signum in before})
+        return train_step(batch)
+
+    trainer.train_step = step
+    trainer.train()
+    assert all(during[signum] is not before[signum] for signum in before), during
+    assert {signum: signal.getsignal(signum) for signum in before} == before

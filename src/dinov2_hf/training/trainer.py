@@ -353,16 +353,18 @@ class Trainer:
 
     # -- loop -----------------------------------------------------------------------------------------
 
-    def _handle_signals(self) -> None:
-        """SIGTERM / SIGINT finish the current step, write a checkpoint and stop (resume continues)."""
+    def _handle_signals(self) -> dict:
+        """SIGTERM / SIGINT finish the current step, write a checkpoint and stop (resume continues).
+
+        Returns the handlers replaced, which :meth:`train` puts back when it returns.
+        """
         if threading.current_thread() is not threading.main_thread():
-            return
+            return {}
 
         def request_stop(signum, frame):
             self.stop_signal = signum
 
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, request_stop)
+        return {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
 
     def _log(self, record: dict, progress, images_per_second: float) -> None:
         if self.accelerator.is_main_process:  # every step, tracker-independent: output_dir/metrics.jsonl
@@ -388,8 +390,18 @@ class Trainer:
         """Train to ``total_steps`` (or until SIGTERM/SIGINT); returns the step records.
 
         Exports the teacher at the end; an interrupted run saves a checkpoint and sets ``stop_signal``.
+        The previous signal handlers are restored on return (in a notebook, interrupting the kernel
+        raises KeyboardInterrupt again in later cells).
         """
-        self._handle_signals()
+        previous = self._handle_signals()
+        try:
+            return self._train()
+        finally:
+            for signum, handler in previous.items():
+                if handler is not None:  # None: installed outside Python, cannot be put back
+                    signal.signal(signum, handler)
+
+    def _train(self) -> list[dict]:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         set_seed(self.config.train.seed)  # drop path draws from the global RNG: same start whatever ran since __init__
         self.maybe_resume()  # (a resumed run restores the saved RNG states instead)
