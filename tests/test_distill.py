@@ -10,7 +10,7 @@ from test_trainer import write_cifar_subset
 
 from dinov2_hf.ssl import DinoSettings, ModelSettings, SSLMetaArch
 from dinov2_hf.ssl.distill import DistillMetaArch, load_teacher
-from dinov2_hf.training.trainer import Trainer
+from dinov2_hf.training.trainer import Trainer, build_arch
 
 
 def student_config(**dino):
@@ -84,6 +84,18 @@ def test_distill_from_a_training_checkpoint_exports_the_student_ema(cifar_dir, t
     trainer = Trainer(tiny_train_config(data, tmp_path / "student", student, max_steps=3))
     arch = trainer.accelerator.unwrap_model(trainer.model)
     assert isinstance(arch, DistillMetaArch) and arch.teacher["backbone"].config.hidden_size == 48
+    # Loading the teacher draws nothing from the global RNG: the student starts where the same student
+    # trained from scratch starts, in both modes.
+    scratch_config = tiny_train_config(data, tmp_path / "scratch", student[:-1], max_steps=3)
+    export = tmp_path / "teacher" / "export" / "transformers"
+    for teacher_source in (checkpoint, export):
+        torch.manual_seed(0)
+        scratch = build_arch(scratch_config).student["backbone"].state_dict()
+        torch.manual_seed(0)
+        distilled = build_arch(tiny_train_config(data, tmp_path / "d", [*student[:-1], f"distill.teacher={teacher_source}"]))
+        assert type(distilled).__name__ == ("DistillMetaArch" if teacher_source == checkpoint else "FeatureDistillMetaArch")
+        for name, value in distilled.student["backbone"].state_dict().items():
+            assert torch.equal(value, scratch[name]), name
     history = trainer.train()
     assert len(history) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
     from transformers import AutoModel

@@ -101,10 +101,15 @@ def build_arch(config: TrainConfig) -> torch.nn.Module:
     mode = distill.mode
     if mode == "auto":
         mode = "heads" if (Path(distill.teacher) / TEACHER_CONFIG).is_file() else "features"
+    # Building the teacher must not draw from the global RNG: the student then starts from the same
+    # weights as the same student trained from scratch, so the two runs compare like for like.
+    with torch.random.fork_rng(devices=[]):
+        if mode == "heads":
+            teacher, teacher_config = load_teacher(distill.teacher)
+        else:
+            teacher_backbone, _ = load_backbone(distill.teacher)
     if mode == "heads":
-        teacher, teacher_config = load_teacher(distill.teacher)
         return DistillMetaArch(config, teacher, teacher_config)
-    teacher_backbone, _ = load_backbone(distill.teacher)
     return FeatureDistillMetaArch(config, teacher_backbone, distill.loss, distill.patch_weight)
 
 
