@@ -129,11 +129,22 @@ class Dinov2HFEmbeddings(nn.Module):
         # Same shortcut as Meta's and transformers' code: the native square grid is used as is.
         if grid_height * grid_width == num_positions and grid_height == grid_width and not torch.jit.is_tracing():
             return pos_embed.to(dtype)
-        native = int(math.sqrt(num_positions))
+        return self.resize_pos_encoding(grid_height, grid_width, dtype)
+
+    def resize_pos_encoding(self, grid_height, grid_width, dtype: torch.dtype, meta_resize=None) -> torch.Tensor:
+        """The resize of :meth:`interpolate_pos_encoding` without its native-grid shortcut.
+
+        ``meta_resize(patch_pos_embed, grid_height, grid_width, offset)`` replaces Meta's scale-factor
+        resize (the ONNX export passes one whose scale is computed in the graph).
+        """
+        pos_embed = self.position_embeddings
+        native = int(round((pos_embed.shape[1] - 1) ** 0.5))
         class_pos_embed = pos_embed[:, :1].float()
         patch_pos_embed = pos_embed[:, 1:].float().reshape(1, native, native, -1).permute(0, 3, 1, 2)
         mode = self.config.pos_embed_interpolation
-        if mode == "meta":
+        if mode == "meta" and meta_resize is not None:
+            patch_pos_embed = meta_resize(patch_pos_embed, grid_height, grid_width, self.config.interpolate_offset)
+        elif mode == "meta":
             offset = self.config.interpolate_offset
             scale = ((grid_height + offset) / native, (grid_width + offset) / native)
             patch_pos_embed = F.interpolate(patch_pos_embed, scale_factor=scale, mode="bicubic")

@@ -26,7 +26,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .modeling_dinov2_hf import Dinov2HFEmbeddings, Dinov2HFModel
@@ -134,26 +133,10 @@ def export_pos_encoding(self: Dinov2HFEmbeddings, grid_height, grid_width, dtype
     """``Dinov2HFEmbeddings.interpolate_pos_encoding`` without Python branches on the grid size.
 
     Bound to the embeddings during export only: the eager method's native-size shortcut would be
-    frozen into the graph by whichever size was traced.
+    frozen into the graph by whichever size was traced (at the native grid every resize below is the
+    identity, equal to the shortcut), and so would Meta's scale factor, hence ``_meta_resize``.
     """
-    pos_embed = self.position_embeddings
-    native = int(round((pos_embed.shape[1] - 1) ** 0.5))
-    class_pos_embed = pos_embed[:, :1].float()
-    patch_pos_embed = pos_embed[:, 1:].float().reshape(1, native, native, -1).permute(0, 3, 1, 2)
-    mode = self.config.pos_embed_interpolation
-    if mode == "meta":
-        patch_pos_embed = _meta_resize(patch_pos_embed, grid_height, grid_width, self.config.interpolate_offset)
-    else:
-        # At the native grid both resizes are the identity, equal to the eager shortcut.
-        patch_pos_embed = F.interpolate(
-            patch_pos_embed,
-            size=(grid_height, grid_width),
-            mode="bicubic",
-            align_corners=False,
-            antialias=mode == "antialias",
-        )
-    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, -1)
-    return torch.cat((class_pos_embed, patch_pos_embed), dim=1).to(dtype)
+    return self.resize_pos_encoding(grid_height, grid_width, dtype, meta_resize=_meta_resize)
 
 
 class OnnxBackbone(nn.Module):
