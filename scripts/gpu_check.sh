@@ -52,6 +52,15 @@ for log in sorted(pathlib.Path(sys.argv[1]).glob("sweep_*.log")):
     print(log.stem, " ".join(rows[::2] + rows[-1:]))
 PY
 fi
+if [ "${RUN_DISTILL:-0}" = 1 ] && [ -d .gpu_data ]; then
+  # Issue 7's comparison at a scale where the teacher learns: RUN_DISTILL=1 RUN_SSL=0 RUN_DATA=0 RUN_CHECK=0 RUN_BENCH=0
+  timeout "${DISTILL_TIMEOUT:-540}" python3 scripts/bench_distill.py --recipe cifar10 --data .gpu_data/train-00000-of-00005.parquet \
+    --knn-source .gpu_data/test-00000-of-00001.parquet --knn-train 5000 --knn-test 2000 --batch 128 --precision bf16 \
+    --teacher-steps "${DISTILL_TEACHER_STEPS:-4000}" --student-steps "${DISTILL_STUDENT_STEPS:-1000}" --prototypes 4096 --head-hidden 1024 \
+    --local-crops 6 --teacher-width 384 --teacher-blocks 6 --student-width 192 --student-blocks 4 --workdir /tmp/bench_distill --workers 8 \
+    --out "$OUT/bench_distill_gpu.json" >"$OUT/bench_distill_gpu.log" 2>&1
+  echo "distill exit $?"; grep -E '^(teacher|scratch|distilled_[a-z]+): ' "$OUT/bench_distill_gpu.log"
+fi
 if [ "${RUN_TRAIN:-0}" = 1 ]; then
   timeout "${TRAIN_TIMEOUT:-240}" python3 scripts/bench_train.py --device cuda --models ${TRAIN_MODELS:-vits14 vitb14 vitl14} --batch 64 \
     --steps 10 --compile --out "$OUT/bench_train_gpu.json" 2>&1 | tail -n 6

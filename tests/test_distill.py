@@ -175,3 +175,119 @@ def test_feature_distillation_from_a_stock_transformers_folder(cifar_dir, tmp_pa
     history = trainer.train()
     assert len(history) == 3 and all("distill_patch_loss" in r for r in history)
     assert AutoModel.from_pretrained(tmp_path / "student" / "export" / "transformers").config.hidden_size == 32
+
+
+def test_standardize_is_per_channel_and_feature_targets_ignore_what_all_images_share():
+    from transformers import Dinov2Config, Dinov2Model
+
+    from dinov2_hf.modeling.convert import from_transformers
+    from dinov2_hf.ssl.distill import FeatureDistillMetaArch, standardize
+
+    features = torch.tensor([[1.0, 10.0], [3.0, 10.5], [5.0, 11.0]])
+    # channel 0: mean 3, sample std 2; channel 1: mean 10.5, sample std 0.5
+    torch.testing.assert_close(standardize(features, dims=(0,)), torch.tensor([[-1.0, -1.0], [0.0, 0.0], [1.0, 1.0]]), atol=1e-5, rtol=0)
+    patches = torch.randn(4, 3, 5, 5) * torch.tensor([1.0, 5.0, 0.1]).view(1, 3, 1, 1) + 7
+    standardized = standardize(patches, dims=(0, 2, 3))
+    torch.testing.assert_close(standardized.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(standardized.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-4, rtol=0)
+
+    # A vector added to every teacher token (the final LayerNorm's bias) changes nothing once standardised.
+    torch.manual_seed(0)
+    stock = Dinov2Model(Dinov2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+                                     image_size=56, patch_size=14)).eval()
+    teacher = from_transformers(stock)
+    config = student_config()
+    batch = fake_batch(config, images=4)
+    losses = {}
+    for standardize_targets in (True, False):
+        torch.manual_seed(1)
+        arch = FeatureDistillMetaArch(config, teacher, standardize_targets=standardize_targets)
+        before = float(arch(batch)["loss"])
+        with torch.no_grad():
+            teacher.layernorm.bias.add_(3.0)
+            after = float(arch(batch)["loss"])
+            teacher.layernorm.bias.sub_(3.0)
+        losses[standardize_targets] = (before, after)
+    assert losses[True][0] == pytest.approx(losses[True][1], abs=1e-5)
+    assert abs(losses[False][0] - losses[False][1]) > 0.05, losses  # the raw targets move with the shared vector
+
+
+def test_a_bf16_teacher_gives_the_fp32_teachers_targets_within_bf16_rounding():
+    """distill.teacher_dtype: the frozen teacher stored in bfloat16 (half the memory) runs under autocast
+    from fp32 crops on a CPU too; its logits reach the centering in fp32, the student stays fp32."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from dinov2_hf.modeling.convert import from_transformers
+    from dinov2_hf.ssl.distill import FeatureDistillMetaArch
+
+    batch = fake_batch(student_config())
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        teacher, teacher_config = frozen_teacher()
+        torch.manual_seed(0)
+        arch = DistillMetaArch(student_config(), teacher, teacher_config, teacher_dtype=dtype).train()
+        assert {p.dtype for p in arch.teacher.parameters()} == {dtype}
+        assert {p.dtype for p in arch.student.parameters()} == {p.dtype for p in arch.student_ema.parameters()} == {torch.float32}
+        logits[dtype] = arch.teacher_logits(batch)
+        out = arch(batch, teacher_temp=0.07)
+        out["loss"].backward()
+        assert torch.isfinite(out["loss"]) and all(p.grad.dtype == torch.float32 for p in arch.student.parameters() if p.grad is not None)
+    for full, half in zip(logits[torch.float32], logits[torch.bfloat16]):
+        assert half.dtype == torch.float32
+        assert not torch.equal(full, half)  # really computed in bf16 ...
+        torch.testing.assert_close(half, full, rtol=0.05, atol=0.05)  # ... to bf16's precision
+
+    torch.manual_seed(0)
+    stock = Dinov2Model(Dinov2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+                                     image_size=56, patch_size=14)).eval()
+    losses = []
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(1)
+        arch = FeatureDistillMetaArch(student_config(), from_transformers(stock), teacher_dtype=dtype)
+        assert {p.dtype for p in arch.teacher.parameters()} == {dtype}
+        losses.append(float(arch(batch)["loss"]))
+    assert losses[0] != losses[1] and losses[1] == pytest.approx(losses[0], rel=0.02)
+
+
+def test_teacher_dtype_auto_follows_mixed_precision_but_not_fsdp(monkeypatch, tmp_path):
+    from dinov2_hf.training.config import load_train_config
+    from dinov2_hf.training.trainer import teacher_dtype
+
+    def resolved(**settings):
+        overrides = [f"train.mixed_precision={settings.get('precision', 'no')}", f"distill.teacher_dtype={settings.get('dtype', 'auto')}"]
+        return teacher_dtype(load_train_config("distill_cifar10", overrides))
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert resolved(precision="bf16") == torch.bfloat16
+    assert resolved(precision="no") == resolved(precision="fp16") == torch.float32
+    assert resolved(precision="no", dtype="bfloat16") == torch.bfloat16
+    assert resolved(precision="bf16", dtype="float32") == torch.float32
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert resolved(precision="bf16") == torch.float32  # sharded with the student: one dtype
+    with pytest.raises(ValueError, match="teacher_dtype=bfloat16 under FSDP"):
+        resolved(dtype="bfloat16")
+    with pytest.raises(ValueError, match="teacher_dtype"):
+        resolved(dtype="float16")
+
+
+@pytest.mark.parametrize("mode", ["heads", "features", "features_cls_only"])
+def test_every_trainable_student_parameter_gets_a_gradient(mode):
+    """DDP stops when a trainable parameter gets no gradient: the unused mask token (inputs are never
+    masked) and, with distill.patch_weight=0, the patch projection must be frozen."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from dinov2_hf.modeling.convert import from_transformers
+    from dinov2_hf.ssl.distill import FeatureDistillMetaArch
+
+    if mode == "heads":
+        teacher, teacher_config = frozen_teacher()
+        arch = DistillMetaArch(student_config(), teacher, teacher_config).train()
+        loss = arch(fake_batch(arch.config), teacher_temp=0.07)["loss"]
+    else:
+        stock = Dinov2Model(Dinov2Config(hidden_size=48, num_hidden_layers=1, num_attention_heads=2, intermediate_size=96, image_size=56, patch_size=14))
+        arch = FeatureDistillMetaArch(student_config(), from_transformers(stock), patch_weight=0.0 if mode == "features_cls_only" else 1.0)
+        loss = arch(fake_batch(arch.config))["loss"]
+    loss.backward()
+    missing = [name for name, p in arch.student.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    assert not arch.student["backbone"].embeddings.mask_token.requires_grad

@@ -2,7 +2,8 @@
 
 Both average gradients over the same two ranks' data, so their loss trajectories agree; the FSDP2
 run writes sharded checkpoints, resumes from them onto the same trajectory, and exports the full
-teacher, which loads in stock transformers and equals the DDP run's export.
+teacher, which loads in stock transformers and equals the DDP run's export. Distillation from the DDP
+run's checkpoint agrees too, its frozen teacher sharded block by block like the student.
 """
 
 import json
@@ -20,7 +21,7 @@ FSDP_CONFIG = ROOT / "examples" / "accelerate" / "fsdp2.yaml"
 DDP_CONFIG = ROOT / "examples" / "accelerate" / "ddp.yaml"
 
 
-def launch(data: Path, output: Path, max_steps: int, config_file: Path) -> subprocess.CompletedProcess:
+def launch(data: Path, output: Path, max_steps: int, config_file: Path, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     launcher = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
     command = [
         launcher, "launch", "--config_file", str(config_file), "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -29,7 +30,7 @@ def launch(data: Path, output: Path, max_steps: int, config_file: Path) -> subpr
         "model.drop_path_rate=0.0", "dino.head_n_prototypes=128", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32",
         "ibot.head_n_prototypes=128", "crops.local_crops_number=2", "schedule.epochs=4", "schedule.epoch_length=2",
         "schedule.warmup_epochs=1", "train.batch_size_per_device=8", "train.num_workers=0", "train.mixed_precision=no",
-        "train.save_every=2", f"train.max_steps={max_steps}", f"train.output_dir={output}",
+        "train.save_every=2", f"train.max_steps={max_steps}", f"train.output_dir={output}", *extra,
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -100,3 +101,22 @@ def test_fsdp2_export_is_the_full_teacher(runs):
     assert fsdp_state.keys() == ddp_state.keys()
     for name, value in fsdp_state.items():
         torch.testing.assert_close(value, ddp_state[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fsdp2_distillation_shards_the_frozen_teacher_and_matches_ddp(runs):
+    tmp, _ = runs
+    data = tmp / "data"
+    student = ("model.overrides.hidden_size=32", f"distill.teacher={tmp / 'ddp' / 'checkpoints' / 'checkpoint-4'}")
+    ddp = launch(data, tmp / "distill_ddp", 3, DDP_CONFIG, student)
+    fsdp = launch(data, tmp / "distill_fsdp", 3, FSDP_CONFIG, student)
+    assert "step 3: loss" in ddp.stdout and "2 processes (MULTI_CPU, FSDP2) on cpu" in fsdp.stdout
+    assert losses(tmp / "distill_fsdp") == pytest.approx(losses(tmp / "distill_ddp"), rel=1e-4, abs=1e-5)
+    sharded = tmp / "distill_fsdp" / "checkpoints" / "checkpoint-2" / "sharded" / ".metadata"
+    assert sharded.is_file()
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(sharded.parent)).read_metadata().state_dict_metadata
+    teacher_weights = [key for key in saved if "teacher.backbone.encoder.layer.0." in key and key.endswith("weight")]
+    assert teacher_weights, sorted(saved)[:20]
+    for key in teacher_weights:  # each rank wrote its own shard of the frozen teacher's blocks
+        assert len(saved[key].chunks) == 2, (key, saved[key].chunks)

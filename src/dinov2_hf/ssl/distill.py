@@ -11,6 +11,7 @@ student sees them unmasked). A spare EMA of the student is kept and is the model
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -20,8 +21,8 @@ from torch import nn
 
 from ..data.collate import MultiCropCollator
 from ..hub.staging import HEADS_FILE as PUBLISHED_HEADS  # beside the backbone in a pushed repo's dinov2_hf/
-from .config import SSLConfig
 from ..modeling import Dinov2HFModel
+from .config import SSLConfig
 from .meta_arch import SSLMetaArch, StudentWithEMA, build_student_config
 
 TEACHER_CONFIG = "train_config.yaml"  # written into every training checkpoint
@@ -50,6 +51,16 @@ def load_teacher(checkpoint: str | Path) -> tuple[nn.ModuleDict, SSLConfig]:
     return arch.teacher, config
 
 
+def frozen_teacher_precision(teacher: nn.Module) -> contextlib.AbstractContextManager:
+    """Autocast to the frozen teacher's storage dtype (bf16 weights take fp32 inputs and keep LayerNorm and
+    softmax in fp32, on GPUs and CPUs alike); a no-op for an fp32 teacher, which then follows the run's
+    own mixed precision."""
+    parameter = next(teacher.parameters())
+    if parameter.dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=parameter.device.type, dtype=parameter.dtype)
+
+
 class DistillMetaArch(SSLMetaArch):
     """Student and its spare EMA (``student_ema``, exported) learning from a frozen ``teacher``."""
 
@@ -57,7 +68,9 @@ class DistillMetaArch(SSLMetaArch):
     ema_part = "student_ema"
     mask_student_inputs = False
 
-    def __init__(self, config: SSLConfig, teacher: nn.ModuleDict, teacher_config: SSLConfig) -> None:
+    def __init__(
+        self, config: SSLConfig, teacher: nn.ModuleDict, teacher_config: SSLConfig, teacher_dtype: torch.dtype = torch.float32
+    ) -> None:
         for name, ours, theirs in (
             ("dino.head_n_prototypes", config.dino.head_n_prototypes, teacher_config.dino.head_n_prototypes),
             ("ibot.separate_head", config.ibot.separate_head, teacher_config.ibot.separate_head),
@@ -72,7 +85,15 @@ class DistillMetaArch(SSLMetaArch):
                 f"{teacher['backbone'].config.patch_size}: patch-level distillation needs the same patch grid."
             )
         self.student_ema = self.teacher  # SSLMetaArch made it: a frozen copy of the student
-        self.teacher = teacher.requires_grad_(False).eval()
+        self.teacher = teacher.requires_grad_(False).eval().to(teacher_dtype)
+        # Unmasked inputs never use the mask token: a trainable parameter without a gradient stops DDP.
+        self.student["backbone"].embeddings.mask_token.requires_grad_(False)
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with frozen_teacher_precision(self.teacher):
+            cls_logits, patch_logits = super().teacher_logits(batch)
+        return cls_logits.float(), None if patch_logits is None else patch_logits.float()
 
     def forward(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
         # iBOT on every patch of the two global crops: the masks select all patches (inputs stay unmasked).
@@ -82,10 +103,22 @@ class DistillMetaArch(SSLMetaArch):
         return super().forward(batch, teacher_temp)
 
 
+def standardize(features: torch.Tensor, dims: tuple[int, ...], eps: float = 1e-6) -> torch.Tensor:
+    """Per-channel standardisation over ``dims`` (the batch, and for patch maps the positions).
+
+    A trained teacher's LayerNormed tokens share a large common component (pairwise cosine ~0.9 between
+    images), so a cosine loss on them is nearly satisfied by one constant prediction and the student
+    learns little of what tells images apart. Regressing ``(t - mean) / std`` keeps only that part.
+    """
+    features = features.float()
+    return (features - features.mean(dim=dims, keepdim=True)) / (features.std(dim=dims, keepdim=True) + eps)
+
+
 class FeatureDistillMetaArch(StudentWithEMA):
     """Headless distillation from a released backbone (no heads): the student's CLS and patch tokens,
     through small learned linear projections to the teacher's width, regress the teacher's normalised
-    (final-LayerNorm) CLS and patch tokens on the same two global crops.
+    (final-LayerNorm) CLS and patch tokens on the same two global crops, standardised per channel over
+    the batch (``standardize``: what all images share is removed from the targets; ``standardize_targets``).
 
     Loss per token: ``1 - cos(P s, t)`` (``cosine``, scale-free, default) or smooth-L1 between ``P s``
     and ``t`` (``smooth_l1``); CLS and patch terms are averaged over tokens and summed with weights
@@ -96,18 +129,30 @@ class FeatureDistillMetaArch(StudentWithEMA):
     part_names = ("student", "teacher", "student_ema")
     ema_part = "student_ema"
 
-    def __init__(self, config: SSLConfig, teacher_backbone: nn.Module, loss: str = "cosine", patch_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        config: SSLConfig,
+        teacher_backbone: nn.Module,
+        loss: str = "cosine",
+        patch_weight: float = 1.0,
+        standardize_targets: bool = True,
+        teacher_dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         if loss not in ("cosine", "smooth_l1"):
             raise ValueError(f"distill.loss={loss!r}: use 'cosine' or 'smooth_l1'.")
-        self.config, self.loss_type, self.patch_weight = config, loss, patch_weight
+        self.config, self.loss_type, self.patch_weight, self.standardize_targets = config, loss, patch_weight, standardize_targets
         backbone = Dinov2HFModel(build_student_config(config))
         width, teacher_width = backbone.config.hidden_size, teacher_backbone.config.hidden_size
         self.student = nn.ModuleDict(
             {"backbone": backbone, "cls_projection": nn.Linear(width, teacher_width), "patch_projection": nn.Linear(width, teacher_width)}
         )
+        # Parameters no loss reaches stay frozen (DDP stops on a trainable parameter without a gradient).
+        backbone.embeddings.mask_token.requires_grad_(False)  # the inputs are never masked
+        if patch_weight == 0:
+            self.student["patch_projection"].requires_grad_(False)
         self.student_ema = copy.deepcopy(self.student).requires_grad_(False).eval()
-        self.teacher = nn.ModuleDict({"backbone": teacher_backbone}).requires_grad_(False).eval()
+        self.teacher = nn.ModuleDict({"backbone": teacher_backbone}).requires_grad_(False).eval().to(teacher_dtype)
 
     @staticmethod
     def _tokens(output, registers: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,13 +168,15 @@ class FeatureDistillMetaArch(StudentWithEMA):
 
     def forward(self, batch: dict, teacher_temp: float | None = None) -> dict[str, torch.Tensor]:
         crops = batch["global_crops"]
-        with torch.no_grad():
+        with torch.no_grad(), frozen_teacher_precision(self.teacher):
             teacher = self.teacher["backbone"]
             teacher_cls, teacher_patches = self._tokens(teacher(crops), teacher.config.num_register_tokens)
         backbone = self.student["backbone"]
         student_cls, student_patches = self._tokens(backbone(crops), backbone.config.num_register_tokens)
         if teacher_patches.shape[-2:] != student_patches.shape[-2:]:
             teacher_patches = torch.nn.functional.interpolate(teacher_patches.float(), size=student_patches.shape[-2:], mode="bilinear", align_corners=False)
+        if self.standardize_targets:  # per channel, over the batch (CLS) and over batch and positions (patches)
+            teacher_cls, teacher_patches = standardize(teacher_cls, dims=(0,)), standardize(teacher_patches, dims=(0, 2, 3))
         cls_loss = self._distance(self.student["cls_projection"](student_cls), teacher_cls)
         predicted = self.student["patch_projection"](student_patches.flatten(2).transpose(1, 2))
         patch_loss = self._distance(predicted, teacher_patches.flatten(2).transpose(1, 2))

@@ -154,9 +154,9 @@ class SSLMetaArch(StudentWithEMA):
     # -- teacher ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Teacher targets: DINO (2, B, K) with crops swapped (crop 1 of the student meets crop 2 of
-        the teacher) and iBOT (n_masked, K) for the masked patches."""
+    def teacher_logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher heads' logits: CLS (2B, K) with crops swapped (crop 1 of the student meets crop 2
+        of the teacher), and the masked patches' (n_masked, K) when iBOT is on."""
         backbone, registers = self.teacher["backbone"], self.teacher["backbone"].config.num_register_tokens
         output = backbone(batch["global_crops"])
         cls = output.pooler_output
@@ -169,7 +169,13 @@ class SSLMetaArch(StudentWithEMA):
         else:
             cls_logits = self.teacher["dino_head"](cls)
             patch_logits = self.teacher["ibot_head"](masked_patches) if do_ibot else None
+        return cls_logits, patch_logits
 
+    @torch.no_grad()
+    def teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher targets: DINO (2, B, K), centred and sharpened, and iBOT (n_masked, K) for the masked patches."""
+        cls_logits, patch_logits = self.teacher_logits(batch)
+        do_ibot = patch_logits is not None
         if self.config.centering == "softmax_center":
             dino_targets = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
             self.dino_loss.update_center(cls_logits)

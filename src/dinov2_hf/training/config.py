@@ -81,7 +81,11 @@ class DistillSettings:
     (``output_dir/checkpoints/checkpoint-<step>``); its frozen EMA teacher, heads included, gives the
     DINO/iBOT targets. ``features``: ``teacher`` is any backbone (our folder, a stock transformers
     Dinov2 folder such as a copy of facebook/dinov2-large, a Meta .pth, a Hub id); the student regresses
-    its normalised CLS and patch tokens through linear projections (``loss``: cosine or smooth_l1).
+    its normalised CLS and patch tokens through linear projections (``loss``: cosine or smooth_l1), the
+    targets standardised per channel over the batch unless ``standardize_targets`` is false.
+    ``teacher_dtype``: the frozen teacher's weights; ``auto`` keeps them in bfloat16 when
+    ``train.mixed_precision`` is bf16 (half the memory, bf16 compute), except under FSDP, where they stay
+    float32 and sharded (and are gathered in the plugin's bf16 on GPUs).
     ``auto``: ``heads`` when the folder is one of our training checkpoints, else ``features``.
     """
 
@@ -89,6 +93,8 @@ class DistillSettings:
     mode: Literal["auto", "heads", "features"] = "auto"
     loss: Literal["cosine", "smooth_l1"] = "cosine"
     patch_weight: float = 1.0
+    standardize_targets: bool = True
+    teacher_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
 
 
 @dataclass

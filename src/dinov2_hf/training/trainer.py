@@ -108,9 +108,23 @@ def build_arch(config: TrainConfig) -> torch.nn.Module:
             teacher, teacher_config = load_teacher(distill.teacher)
         else:
             teacher_backbone, _ = load_backbone(distill.teacher)
+    dtype = teacher_dtype(config)
     if mode == "heads":
-        return DistillMetaArch(config, teacher, teacher_config)
-    return FeatureDistillMetaArch(config, teacher_backbone, distill.loss, distill.patch_weight)
+        return DistillMetaArch(config, teacher, teacher_config, teacher_dtype=dtype)
+    return FeatureDistillMetaArch(config, teacher_backbone, distill.loss, distill.patch_weight, distill.standardize_targets, dtype)
+
+
+def teacher_dtype(config: TrainConfig) -> torch.dtype:
+    """The frozen distillation teacher's storage dtype (``distill.teacher_dtype``)."""
+    wanted = config.distill.teacher_dtype
+    if wanted == "bfloat16" and fsdp_requested():
+        raise ValueError(
+            "distill.teacher_dtype=bfloat16 under FSDP: FSDP shards the teacher with the student and needs one dtype; "
+            "use distill.teacher_dtype=auto (float32 shards, bf16 compute with mixed_precision bf16)."
+        )
+    if wanted == "auto":
+        wanted = "bfloat16" if config.train.mixed_precision == "bf16" and not fsdp_requested() else "float32"
+    return getattr(torch, wanted)
 
 
 class Trainer:
