@@ -109,6 +109,11 @@ def test_distill_from_a_training_checkpoint_exports_the_student_ema(cifar_dir, t
     assert not torch.equal(ema[layer], student_weights[layer])
     with pytest.raises(FileNotFoundError, match="not a training checkpoint of ours"):
         load_teacher(tmp_path / "student" / "export" / "transformers")
+    # A distilled checkpoint teaches on (g -> L -> S): its teacher is the student's EMA, heads included.
+    chained, chained_config = load_teacher(tmp_path / "student" / "checkpoints" / "checkpoint-3")
+    assert chained["backbone"].config.hidden_size == 32 and chained_config.distill.teacher == str(checkpoint)
+    for name, value in arch.student_ema.state_dict().items():
+        assert torch.equal(chained.state_dict()[name], value), name
 
 
 def test_distill_recipes_match_their_teachers_and_the_cli_fails_clearly(tmp_path, capsys):
@@ -175,6 +180,8 @@ def test_feature_distillation_from_a_stock_transformers_folder(cifar_dir, tmp_pa
     history = trainer.train()
     assert len(history) == 3 and all("distill_patch_loss" in r for r in history)
     assert AutoModel.from_pretrained(tmp_path / "student" / "export" / "transformers").config.hidden_size == 32
+    with pytest.raises(ValueError, match="headless distillation checkpoint"):
+        load_teacher(tmp_path / "student" / "checkpoints" / "checkpoint-3")
 
 
 def test_standardize_is_per_channel_and_feature_targets_ignore_what_all_images_share():

@@ -29,8 +29,9 @@ TEACHER_CONFIG = "train_config.yaml"  # written into every training checkpoint
 
 
 def load_teacher(checkpoint: str | Path) -> tuple[nn.ModuleDict, SSLConfig]:
-    """The frozen EMA teacher (backbone + heads) and its recipe, from one of our training checkpoints or from
-    a published ``dinov2_hf/`` folder (``dinov2-hf push``: backbone weights, ``heads.safetensors``, recipe)."""
+    """The frozen EMA teacher (backbone + heads) and its recipe, from one of our training checkpoints (of a
+    distillation run: its student's EMA) or from a published ``dinov2_hf/`` folder (``dinov2-hf push``:
+    backbone weights, ``heads.safetensors``, recipe)."""
     from ..training.config import load_train_config
 
     folder = Path(checkpoint)
@@ -46,7 +47,16 @@ def load_teacher(checkpoint: str | Path) -> tuple[nn.ModuleDict, SSLConfig]:
         state = {f"backbone.{k}": v for k, v in load_file(folder / "model.safetensors").items()}
         state.update(load_file(folder / PUBLISHED_HEADS))
     else:
-        state = {k[len("teacher.") :]: v for k, v in load_file(folder / "model.safetensors").items() if k.startswith("teacher.")}
+        weights = load_file(folder / "model.safetensors")
+        # A distillation run's checkpoint holds its frozen teacher as ``teacher``; its result, the student's
+        # EMA with heads, is ``student_ema`` and is the teacher it gives (distilling on down: g -> L -> S).
+        prefix = "student_ema." if any(k.startswith("student_ema.") for k in weights) else "teacher."
+        if prefix == "student_ema." and not any(k.startswith("student_ema.dino_head.") for k in weights):
+            raise ValueError(
+                f"distill.teacher={folder} is a headless distillation checkpoint (projections, no DINO heads): "
+                "use its export (output_dir/export/transformers) as a headless teacher instead."
+            )
+        state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
     arch.teacher.load_state_dict(state, strict=True)
     return arch.teacher, config
 
