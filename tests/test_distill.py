@@ -120,12 +120,16 @@ def test_distill_recipes_match_their_teachers_and_the_cli_fails_clearly(tmp_path
     from dinov2_hf.cli import main
     from dinov2_hf.training.config import load_train_config
 
-    for student, teacher in (("distill_cifar10", "cifar10"), ("distill_vitg14_to_vits14", "vitg14")):
+    recipes = {"distill_cifar10": "cifar10", "distill_quickstart": "quickstart", "distill_vitg14_to_vits14": "vitg14",
+               "distill_vitg14_to_vitb14": "vitg14", "distill_vitg14_to_vitl14": "vitg14"}
+    for student, teacher in recipes.items():
         s, t = load_train_config(student), load_train_config(teacher)
         assert (s.dino.head_n_prototypes, s.ibot.separate_head, s.ibot.head_n_prototypes) == (
             t.dino.head_n_prototypes, t.ibot.separate_head, t.ibot.head_n_prototypes)
         assert s.model.drop_path_rate == 0.0 and s.distill.teacher == ""
         assert s.model.overrides.get("patch_size", 14) == t.model.overrides.get("patch_size", 14)
+        if student.startswith("distill_vitg14_to_"):  # the released students' architecture: MLP blocks, not SwiGLU
+            assert s.model.preset == student[-6:] and not s.model.overrides.get("use_swiglu_ffn", False)
     assert main(["distill", "--teacher", str(tmp_path / "nope"), "train.mixed_precision=no"]) == 2
     assert "nope does not exist" in capsys.readouterr().err
 

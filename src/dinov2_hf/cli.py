@@ -112,7 +112,7 @@ def _add_distill(subparsers) -> None:
         description="Distillation as in the DINOv2 paper: the frozen EMA teacher of one of our checkpoints (heads "
         "included) trains a student; or, from any backbone without heads (a stock transformers Dinov2 folder, a Meta "
         ".pth, a Hub id), the student regresses its CLS and patch features. The student's EMA is exported. "
-        "Recipes: distill_cifar10, distill_vitg14_to_vits14.",
+        "Recipes: distill_cifar10, distill_quickstart, distill_vitg14_to_vit{s,b,l}14.",
     )
     parser.add_argument("--teacher", required=True, help="a checkpoint-<step> folder of a dinov2_hf run, or any backbone (headless mode)")
     _add_recipe_arguments(parser, "distill_cifar10", "the student's recipe")

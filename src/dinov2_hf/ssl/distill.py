@@ -62,9 +62,9 @@ def load_teacher(checkpoint: str | Path) -> tuple[nn.ModuleDict, SSLConfig]:
 
 
 def frozen_teacher_precision(teacher: nn.Module) -> contextlib.AbstractContextManager:
-    """Autocast to the frozen teacher's storage dtype (bf16 weights take fp32 inputs and keep LayerNorm and
-    softmax in fp32, on GPUs and CPUs alike); a no-op for an fp32 teacher, which then follows the run's
-    own mixed precision."""
+    """Autocast to the frozen teacher's storage dtype, so bf16 weights take the fp32 crops (autocast picks
+    each op's precision, as in mixed-precision training; on GPUs and CPUs alike); a no-op for an fp32
+    teacher, which then follows the run's own mixed precision."""
     parameter = next(teacher.parameters())
     if parameter.dtype == torch.float32:
         return contextlib.nullcontext()

@@ -101,6 +101,7 @@ def build_arch(config: TrainConfig) -> torch.nn.Module:
     mode = distill.mode
     if mode == "auto":
         mode = "heads" if (Path(distill.teacher) / TEACHER_CONFIG).is_file() else "features"
+    dtype = teacher_dtype(config)  # (checked before loading a possibly large teacher)
     # Building the teacher must not draw from the global RNG: the student then starts from the same
     # weights as the same student trained from scratch, so the two runs compare like for like.
     with torch.random.fork_rng(devices=[]):
@@ -108,7 +109,6 @@ def build_arch(config: TrainConfig) -> torch.nn.Module:
             teacher, teacher_config = load_teacher(distill.teacher)
         else:
             teacher_backbone, _ = load_backbone(distill.teacher)
-    dtype = teacher_dtype(config)
     if mode == "heads":
         return DistillMetaArch(config, teacher, teacher_config, teacher_dtype=dtype)
     return FeatureDistillMetaArch(config, teacher_backbone, distill.loss, distill.patch_weight, distill.standardize_targets, dtype)
