@@ -302,3 +302,18 @@ def test_every_trainable_student_parameter_gets_a_gradient(mode):
     missing = [name for name, p in arch.student.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
     assert not arch.student["backbone"].embeddings.mask_token.requires_grad
+
+
+def test_distill_quickstart_follows_the_quickstart(tmp_path, capsys):
+    """README: `dinov2-hf distill --config distill_quickstart --teacher <quickstart checkpoint>` (2 steps each)."""
+    from dinov2_hf.cli import main
+
+    short = ["train.max_steps=2", "train.save_every=2", "monitor.every=0", "crops.local_crops_number=2", "train.batch_size_per_device=16"]
+    assert main(["train", "--config", "quickstart", *short, f"train.output_dir={tmp_path / 'quickstart'}"]) == 0
+    teacher = tmp_path / "quickstart" / "checkpoints" / "checkpoint-2"
+    assert main(["distill", "--config", "distill_quickstart", "--teacher", str(teacher), *short, f"train.output_dir={tmp_path / 'student'}"]) == 0
+    assert "step 2: loss" in capsys.readouterr().out
+    from transformers import AutoModel
+
+    student = AutoModel.from_pretrained(tmp_path / "student" / "export" / "transformers")
+    assert (student.config.hidden_size, student.config.num_hidden_layers) == (64, 2)
