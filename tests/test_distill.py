@@ -281,16 +281,22 @@ def test_teacher_dtype_auto_follows_mixed_precision_but_not_fsdp(monkeypatch, tm
         resolved(dtype="float16")
 
 
-@pytest.mark.parametrize("mode", ["heads", "features", "features_cls_only"])
+@pytest.mark.parametrize("mode", ["heads", "features", "features_cls_only", "self_distillation_without_ibot"])
 def test_every_trainable_student_parameter_gets_a_gradient(mode):
     """DDP stops when a trainable parameter gets no gradient: the unused mask token (inputs are never
-    masked) and, with distill.patch_weight=0, the patch projection must be frozen."""
+    masked: distillation, or ibot.loss_weight=0) and, with distill.patch_weight=0, the patch projection
+    must be frozen."""
     from transformers import Dinov2Config, Dinov2Model
 
     from dinov2_hf.modeling.convert import from_transformers
     from dinov2_hf.ssl.distill import FeatureDistillMetaArch
 
-    if mode == "heads":
+    if mode == "self_distillation_without_ibot":
+        config = tiny_config()
+        config.ibot.loss_weight = 0.0
+        arch = SSLMetaArch(config).train()
+        loss = arch(fake_batch(config), teacher_temp=0.07)["loss"]
+    elif mode == "heads":
         teacher, teacher_config = frozen_teacher()
         arch = DistillMetaArch(student_config(), teacher, teacher_config).train()
         loss = arch(fake_batch(arch.config), teacher_temp=0.07)["loss"]

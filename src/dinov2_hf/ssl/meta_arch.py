@@ -140,6 +140,8 @@ class SSLMetaArch(StudentWithEMA):
         if ibot.separate_head:
             student["ibot_head"] = _head(embed_dim, ibot)
         self.student = nn.ModuleDict(student)
+        if ibot.loss_weight == 0:  # no iBOT, no masked inputs: an unused trainable parameter stops DDP
+            backbone.embeddings.mask_token.requires_grad_(False)
         self.teacher = copy.deepcopy(self.student)
         for layer in self.teacher["backbone"].encoder.layer:
             layer.drop_path_rate = 0.0  # the teacher never drops paths
