@@ -30,6 +30,25 @@ USER = "fake-user"
 LFS_SUFFIXES = (".safetensors", ".parquet", ".bin", ".png")
 
 
+REPO_API = r"/api/(?P<type>model|dataset)s/(?P<repo>[^/]+/[^/]+)"  # one repo's API prefix
+# (handler method, HTTP methods, path pattern whose named groups become its keyword arguments)
+ROUTES = [
+    ("create", "POST", r"/api/repos/create"),
+    ("validate", "POST", r"/api/validate-yaml"),
+    ("branch", "POST", REPO_API + r"/branch/(?P<rev>.+)"),
+    ("preupload", "POST", REPO_API + r"/preupload/(?P<rev>.+)"),
+    ("commit", "POST", REPO_API + r"/commit/(?P<rev>.+)"),
+    ("discussion", "POST", REPO_API + r"/discussions"),
+    ("discussion_details", "GET", REPO_API + r"/discussions/(?P<num>\d+)"),
+    ("paths_info", "POST", REPO_API + r"/paths-info/(?P<rev>.+)"),
+    ("tree", "GET", REPO_API + r"/tree/(?P<rest>.+)"),
+    ("info", "GET", REPO_API + r"(/revision/(?P<rev>.+))?"),
+    ("lfs_batch", "POST", r"/(?P<prefix>datasets/)?(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch"),
+    ("lfs_put", "PUT", r"/lfs-upload/(?P<oid>[0-9a-f]{64})"),
+    ("resolve", "GET|HEAD", r"/(?P<prefix>datasets/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rest>.+)"),
+]
+
+
 @dataclass
 class Commit:
     repo_id: str
@@ -85,22 +104,7 @@ class FakeHub:
         request.read()  # streamed bodies (LFS PUTs of file objects)
         path = unquote(request.url.raw_path.decode().split("?")[0])
         self.requests.append((request.method, path))
-        routes = [
-            ("create", "POST", r"/api/repos/create"),
-            ("validate", "POST", r"/api/validate-yaml"),
-            ("branch", "POST", r"/api/(?P<type>model|dataset)s/(?P<repo>[^/]+/[^/]+)/branch/(?P<rev>.+)"),
-            ("preupload", "POST", r"/api/(?P<type>model|dataset)s/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>.+)"),
-            ("commit", "POST", r"/api/(?P<type>model|dataset)s/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>.+)"),
-            ("discussion", "POST", r"/api/(?P<type>model|dataset)s/(?P<repo>[^/]+/[^/]+)/discussions"),
-            ("discussion_details", "GET", r"/api/(?P<type>model|dataset)s/(?P<repo>[^/]+/[^/]+)/discussions/(?P<num>\d+)"),
-            ("paths_info", "POST", r"/api/(?P<type>model|dataset)s/(?P<repo>[^/]+/[^/]+)/paths-info/(?P<rev>.+)"),
-            ("tree", "GET", r"/api/(?P<type>model|dataset)s/(?P<repo>[^/]+/[^/]+)/tree/(?P<rest>.+)"),
-            ("info", "GET", r"/api/(?P<type>model|dataset)s/(?P<repo>[^/]+/[^/]+)(/revision/(?P<rev>.+))?"),
-            ("lfs_batch", "POST", r"/(?P<prefix>datasets/)?(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch"),
-            ("lfs_put", "PUT", r"/lfs-upload/(?P<oid>[0-9a-f]{64})"),
-            ("resolve", "GET|HEAD", r"/(?P<prefix>datasets/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rest>.+)"),
-        ]
-        for name, methods, pattern in routes:
+        for name, methods, pattern in ROUTES:
             match = re.fullmatch(pattern, path)
             if match and request.method in methods.split("|"):
                 if self.fail.get(name):

@@ -10,7 +10,9 @@ rerunning the same command resumes (files already committed are skipped).
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,24 +63,25 @@ def check_target(repo_id: str, revision: str | None, create_pr: bool) -> None:
         raise ValueError(f"--create-pr opens the pull request against the default branch; drop --revision {revision} or --create-pr.")
 
 
-def _upload(api, repo_id: str, folder: Path, *, repo_type: str, private: bool, revision: str | None, create_pr: bool,
-            commit_message: str):
-    """create_repo (exist_ok), create_branch for a new revision, upload_folder; HTTP errors -> RuntimeError."""
+@contextlib.contextmanager
+def _upload_errors(repo_id: str) -> Iterator[None]:
+    """huggingface_hub's HTTP errors as a RuntimeError that says nothing local changed and how to resume."""
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
-        repo_url = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
-        if revision and revision != "main" and not revision.startswith("refs/"):
-            api.create_branch(repo_url.repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
-        info = api.upload_folder(
-            repo_id=repo_url.repo_id, repo_type=repo_type, folder_path=folder, revision=revision or None,
-            create_pr=create_pr or None, commit_message=commit_message,
-        )
+        yield
     except HfHubHTTPError as error:
         raise RuntimeError(
             f"upload to {repo_id} failed: {error}. Nothing local was changed; rerun the same command to resume."
         ) from error
-    return repo_url, info
+
+
+def _create_target(api, repo_id: str, *, repo_type: str, private: bool, revision: str | None):
+    """create_repo (exist_ok) and, for a revision that is a new branch name, create_branch; the RepoUrl."""
+    repo_url = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    if revision and revision != "main" and not revision.startswith("refs/"):
+        api.create_branch(repo_url.repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
+    return repo_url
 
 
 def push_checkpoint(
@@ -119,8 +122,12 @@ def push_checkpoint(
         step = f" (step {staged.steps})" if staged.steps is not None else ""
         message = commit_message or f"Upload DINOv2 backbone{step} with dinov2_hf"
         api = HfApi(token=token, library_name="dinov2_hf")
-        repo_url, info = _upload(api, repo_id, folder, repo_type="model", private=private, revision=revision,
-                                 create_pr=create_pr, commit_message=message)
+        with _upload_errors(repo_id):
+            repo_url = _create_target(api, repo_id, repo_type="model", private=private, revision=revision)
+            info = api.upload_folder(
+                repo_id=repo_url.repo_id, repo_type="model", folder_path=folder, revision=revision or None,
+                create_pr=create_pr or None, commit_message=message,
+            )
     return PushResult(repo_url.repo_id, str(repo_url), info.commit_url, info.pr_url, staged.files), staged
 
 
@@ -157,7 +164,6 @@ def push_dataset(
     ``dry_run`` checks and summarises only (no token or network).
     """
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     check_target(repo_id, revision, create_pr)
     if not dry_run:
@@ -170,11 +176,9 @@ def push_dataset(
         return PushResult(repo_id, f"https://huggingface.co/datasets/{repo_id}", None, None, sidecars), summary
     api = HfApi(token=token, library_name="dinov2_hf")
     message = commit_message or "Upload curated dataset with dinov2_hf"
-    try:
-        repo_url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    with _upload_errors(repo_id):
+        repo_url = _create_target(api, repo_id, repo_type="dataset", private=private, revision=revision)
         repo_id = repo_url.repo_id
-        if revision and revision != "main" and not revision.startswith("refs/"):
-            api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True)
         first = api.upload_folder(
             repo_id=repo_id, repo_type="dataset", folder_path=curated_dir, allow_patterns=sidecars,
             revision=None if create_pr else revision, create_pr=create_pr or None, commit_message=f"{message}: dataset card",
@@ -182,6 +186,4 @@ def push_dataset(
         # datasets reads the card just committed from the Hub and adds its metadata to it.
         info = dataset.push_to_hub(repo_id, token=token, revision=first.pr_revision if create_pr else revision,
                                    commit_message=message, private=private)
-    except HfHubHTTPError as error:
-        raise RuntimeError(f"upload to {repo_id} failed: {error}. Nothing local was changed; rerun the same command.") from error
     return PushResult(repo_id, str(repo_url), info.commit_url, first.pr_url, sidecars), summary
