@@ -60,7 +60,7 @@ if [ "${RUN_DISTILL:-0}" = 1 ] && [ -d .gpu_data ]; then
     --local-crops 6 --teacher-width 384 --teacher-blocks 6 --student-width 192 --student-blocks 4 --workdir /tmp/bench_distill --workers 8 \
     --out "$OUT/bench_distill_gpu.json" >"$OUT/bench_distill_gpu.log" 2>&1
   echo "distill exit $?"; grep -E '^(teacher|scratch|distilled_[a-z]+): ' "$OUT/bench_distill_gpu.log"
-  # The teacher alone (bf16, its recipe beside it) comes back: a distillation teacher for CPU tests.
+  # The teacher alone (bf16, its recipe and trainer state beside it) comes back: a distillation teacher for CPU tests.
   python3 - "$OUT/distill_teacher" /tmp/bench_distill/teacher/checkpoints/checkpoint-"${DISTILL_TEACHER_STEPS:-4000}" <<'PY'
 import pathlib, shutil, sys
 from safetensors.torch import load_file, save_file
@@ -68,7 +68,8 @@ out, checkpoint = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 out.mkdir(parents=True, exist_ok=True)
 weights = load_file(checkpoint / "model.safetensors")
 save_file({k: v.bfloat16().contiguous() for k, v in weights.items() if k.startswith("teacher.")}, out / "model.safetensors")
-shutil.copy(checkpoint / "train_config.yaml", out / "train_config.yaml")
+for name in ("train_config.yaml", "trainer_state.json"):
+    shutil.copy(checkpoint / name, out / name)
 print("teacher", sum(v.numel() for k, v in weights.items() if k.startswith("teacher.")), "parameters ->", out)
 PY
 fi

@@ -3,7 +3,8 @@
 Both average gradients over the same two ranks' data, so their loss trajectories agree; the FSDP2
 run writes sharded checkpoints, resumes from them onto the same trajectory, and exports the full
 teacher, which loads in stock transformers and equals the DDP run's export. Distillation from the DDP
-run's checkpoint agrees too, its frozen teacher sharded block by block like the student.
+run's checkpoint agrees too, its frozen teacher sharded block by block like the student; the FSDP2
+run's sharded checkpoint loads as the same teacher.
 """
 
 import json
@@ -120,3 +121,11 @@ def test_fsdp2_distillation_shards_the_frozen_teacher_and_matches_ddp(runs):
     assert teacher_weights, sorted(saved)[:20]
     for key in teacher_weights:  # each rank wrote its own shard of the frozen teacher's blocks
         assert len(saved[key].chunks) == 2, (key, saved[key].chunks)
+    # An FSDP2 run's sharded checkpoint is a teacher too: the same weights as the DDP run's.
+    from dinov2_hf.ssl.distill import load_teacher
+
+    from_shards, _ = load_teacher(tmp / "fsdp" / "checkpoints" / "checkpoint-4")
+    from_ddp, _ = load_teacher(tmp / "ddp" / "checkpoints" / "checkpoint-4")
+    assert not (tmp / "fsdp" / "checkpoints" / "checkpoint-4" / "model.safetensors").exists()
+    for name, value in from_ddp.state_dict().items():
+        torch.testing.assert_close(from_shards.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)

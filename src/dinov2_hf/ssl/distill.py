@@ -21,6 +21,7 @@ from torch import nn
 
 from ..data.collate import MultiCropCollator
 from ..hub.staging import HEADS_FILE as PUBLISHED_HEADS  # beside the backbone in a pushed repo's dinov2_hf/
+from ..hub.staging import checkpoint_backbone
 from ..modeling import Dinov2HFModel
 from .config import SSLConfig
 from .meta_arch import SSLMetaArch, StudentWithEMA, build_student_config
@@ -29,34 +30,34 @@ TEACHER_CONFIG = "train_config.yaml"  # written into every training checkpoint
 
 
 def load_teacher(checkpoint: str | Path) -> tuple[nn.ModuleDict, SSLConfig]:
-    """The frozen EMA teacher (backbone + heads) and its recipe, from one of our training checkpoints (of a
-    distillation run: its student's EMA) or from a published ``dinov2_hf/`` folder (``dinov2-hf push``:
-    backbone weights, ``heads.safetensors``, recipe)."""
+    """The frozen EMA teacher (backbone + heads) and its recipe, from one of our training checkpoints
+    (``model.safetensors`` or an FSDP2 run's ``sharded/``; of a distillation run: its student's EMA, which
+    teaches on, g -> L -> S) or from a published ``dinov2_hf/`` folder (``dinov2-hf push``: backbone
+    weights, ``heads.safetensors``, recipe)."""
     from ..training.config import load_train_config
+    from ..training.parallel import SHARDED_DIR
 
     folder = Path(checkpoint)
-    published = (folder / PUBLISHED_HEADS).is_file()
-    if not (folder / TEACHER_CONFIG).is_file() or not (folder / "model.safetensors").is_file():
+    has_weights = (folder / "model.safetensors").is_file() or (folder / SHARDED_DIR).is_dir()
+    if not (folder / TEACHER_CONFIG).is_file() or not has_weights:
         raise FileNotFoundError(
-            f"distill.teacher={folder} is not a training checkpoint of ours (needs {TEACHER_CONFIG} and model.safetensors): "
-            "pass an output_dir/checkpoints/checkpoint-<step> folder of a dinov2_hf run, or the dinov2_hf/ folder of a pushed repo."
+            f"distill.teacher={folder} is not a training checkpoint of ours (needs {TEACHER_CONFIG} and model.safetensors "
+            f"or {SHARDED_DIR}/): pass an output_dir/checkpoints/checkpoint-<step> folder of a dinov2_hf run, or the "
+            "dinov2_hf/ folder of a pushed repo."
         )
     config = load_train_config(folder / TEACHER_CONFIG)
     arch = SSLMetaArch(config)
-    if published:
+    if (folder / PUBLISHED_HEADS).is_file():
         state = {f"backbone.{k}": v for k, v in load_file(folder / "model.safetensors").items()}
         state.update(load_file(folder / PUBLISHED_HEADS))
     else:
-        weights = load_file(folder / "model.safetensors")
-        # A distillation run's checkpoint holds its frozen teacher as ``teacher``; its result, the student's
-        # EMA with heads, is ``student_ema`` and is the teacher it gives (distilling on down: g -> L -> S).
-        prefix = "student_ema." if any(k.startswith("student_ema.") for k in weights) else "teacher."
-        if prefix == "student_ema." and not any(k.startswith("student_ema.dino_head.") for k in weights):
+        backbone, heads, _ = checkpoint_backbone(folder, config)  # the run's exported EMA and its heads
+        if not any(name.startswith("dino_head.") for name in heads):
             raise ValueError(
                 f"distill.teacher={folder} is a headless distillation checkpoint (projections, no DINO heads): "
                 "use its export (output_dir/export/transformers) as a headless teacher instead."
             )
-        state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        state = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()}, **heads}
     arch.teacher.load_state_dict(state, strict=True)
     return arch.teacher, config
 

@@ -362,8 +362,7 @@ class Trainer:
         state = json.loads((path / TRAINER_STATE).read_text())
         self.step, self.epoch = state["step"], state["epoch"]
         self.batches_in_epoch, self.skipped_images = state["batches_in_epoch"], state["skipped_images"]
-        self.train_seconds = state.get("train_seconds", 0.0)
-        self._session_start = time.perf_counter()
+        self.train_seconds = state.get("train_seconds", 0.0)  # (the session clock restarts in _train)
         metrics = self.output_dir / METRICS_FILE
         if self.accelerator.is_main_process and metrics.is_file():  # drop steps the checkpoint does not hold
             lines = metrics.read_text().splitlines(keepends=True)
