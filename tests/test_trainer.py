@@ -130,7 +130,11 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(cifar_dir, tmp_path):
     root = Path(__file__).resolve().parents[1]
     process = subprocess.Popen([sys.executable, str(root / "train.py"), *args, "train.max_steps=100000"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(25)  # imports, model, first steps
+    # Signal once the first step is logged: the handlers are installed by then (a fixed sleep raced them).
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]

@@ -20,7 +20,9 @@ def load_backbone(source: str | Path | None = None, preset: str = "vits14") -> t
     from .convert import from_meta, from_transformers
 
     if source is None:
-        return Dinov2HFModel(Dinov2HFConfig.from_preset(preset)).eval(), f"random {preset}"
+        # LayerScale 1, not the official 1e-5: with 1e-5 every image has almost the same CLS token, and a
+        # random baseline would rank its neighbours by float rounding (different on every CPU).
+        return Dinov2HFModel(Dinov2HFConfig.from_preset(preset, layerscale_value=1.0)).eval(), f"random {preset}"
     path = Path(source)
     if path.is_file():
         if path.suffix not in (".pth", ".pt"):
