@@ -43,7 +43,7 @@ def test_kill_and_resume_reproduces_the_trajectory(cifar_dir, tmp_path):
     data = write_cifar_subset(cifar_dir, tmp_path / "data")
     full = Trainer(tiny_config(data, tmp_path / "full")).train()
     assert len(full) == 8
-    killed = Trainer(tiny_config(data, tmp_path / "resumed", max_steps=3)).train()  # "killed" after step 3
+    killed = Trainer(tiny_config(data, tmp_path / "resumed", stop_at_step=3)).train()  # "killed" after step 3
     assert [r["loss"] for r in killed] == [r["loss"] for r in full[:3]]
     resumed = Trainer(tiny_config(data, tmp_path / "resumed")).train()  # resume=auto
     assert [r["step"] for r in resumed] == list(range(3, 8))
@@ -169,7 +169,7 @@ def test_resolution_adaptation_phase_and_resume_across_it(cifar_dir, tmp_path):
     assert [r["global_crops_size"] for r in full] == [32] * 8 + [48] * 3
     assert full[8]["lr"] == 0.0 and full[9]["lr"] > 0.0  # the adaptation schedule warms up from 0 again
     assert full[8]["teacher_temp"] == 0.07 and full[8]["last_layer_lr"] == full[8]["lr"]  # no temp warmup, no freeze
-    stopped = Trainer(tiny_config(data, tmp_path / "resumed", adaptation, max_steps=8)).train()
+    stopped = Trainer(tiny_config(data, tmp_path / "resumed", adaptation, stop_at_step=8)).train()
     assert len(stopped) == 8
     resumed = Trainer(tiny_config(data, tmp_path / "resumed", adaptation)).train()
     assert [r["step"] for r in resumed] == [8, 9, 10]
