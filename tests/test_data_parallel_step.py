@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 from test_objective import fake_batch, tiny_config
 
 from dinov2_hf.data.collate import MultiCropCollator
-from dinov2_hf.ssl import DinoSettings, SSLMetaArch, build_schedules, param_groups
-from dinov2_hf.ssl.step import training_step
+from dinov2_hf.objective import DinoSettings, SSLMetaArch, build_schedules, param_groups
+from dinov2_hf.objective.step import training_step
 
 STEPS, IMAGES = 3, 8
 

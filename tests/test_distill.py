@@ -8,8 +8,8 @@ from test_objective import fake_batch, tiny_config
 from test_trainer import tiny_config as tiny_train_config
 from test_trainer import write_cifar_subset
 
-from dinov2_hf.ssl import DinoSettings, ModelSettings, SSLMetaArch
-from dinov2_hf.ssl.distill import DistillMetaArch, load_teacher
+from dinov2_hf.objective import DinoSettings, ModelSettings, SSLMetaArch
+from dinov2_hf.objective.distill import DistillMetaArch, load_teacher
 from dinov2_hf.training.trainer import Trainer, build_arch
 
 
@@ -138,8 +138,8 @@ def test_feature_distillation_learns_the_teacher_features_on_another_grid():
     """Headless mode: a stock transformers teacher (patch 14), a student on a finer grid (patch 7)."""
     from transformers import Dinov2Config, Dinov2Model
 
-    from dinov2_hf.ssl import param_groups
-    from dinov2_hf.ssl.distill import FeatureDistillMetaArch
+    from dinov2_hf.objective import param_groups
+    from dinov2_hf.objective.distill import FeatureDistillMetaArch
 
     torch.manual_seed(0)
     stock = Dinov2Model(Dinov2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
@@ -172,7 +172,7 @@ def test_feature_distillation_from_a_stock_transformers_folder(cifar_dir, tmp_pa
     """`distill.teacher=<stock transformers folder>` picks the headless mode and exports the student EMA."""
     from transformers import AutoModel
 
-    from dinov2_hf.ssl.distill import FeatureDistillMetaArch
+    from dinov2_hf.objective.distill import FeatureDistillMetaArch
 
     data = write_cifar_subset(cifar_dir, tmp_path / "data")
     Trainer(tiny_train_config(data, tmp_path / "teacher", max_steps=2)).train()
@@ -192,7 +192,7 @@ def test_standardize_is_per_channel_and_feature_targets_ignore_what_all_images_s
     from transformers import Dinov2Config, Dinov2Model
 
     from dinov2_hf.modeling.convert import from_transformers
-    from dinov2_hf.ssl.distill import FeatureDistillMetaArch, standardize
+    from dinov2_hf.objective.distill import FeatureDistillMetaArch, standardize
 
     features = torch.tensor([[1.0, 10.0], [3.0, 10.5], [5.0, 11.0]])
     # channel 0: mean 3, sample std 2; channel 1: mean 10.5, sample std 0.5
@@ -229,7 +229,7 @@ def test_a_bf16_teacher_gives_the_fp32_teachers_targets_within_bf16_rounding():
     from transformers import Dinov2Config, Dinov2Model
 
     from dinov2_hf.modeling.convert import from_transformers
-    from dinov2_hf.ssl.distill import FeatureDistillMetaArch
+    from dinov2_hf.objective.distill import FeatureDistillMetaArch
 
     batch = fake_batch(student_config())
     logits = {}
@@ -289,7 +289,7 @@ def test_every_trainable_student_parameter_gets_a_gradient(mode):
     from transformers import Dinov2Config, Dinov2Model
 
     from dinov2_hf.modeling.convert import from_transformers
-    from dinov2_hf.ssl.distill import FeatureDistillMetaArch
+    from dinov2_hf.objective.distill import FeatureDistillMetaArch
 
     if mode == "self_distillation_without_ibot":
         config = tiny_config()

@@ -111,7 +111,7 @@ def test_push_uploads_a_backbone_that_stock_transformers_loads(run, tmp_path, mo
     for name, tensor in heads.items():
         torch.testing.assert_close(tensor, checkpoint[f"teacher.{name}"], rtol=0, atol=0)
     # ... and the uploaded dinov2_hf/ folder is a distillation teacher, like the checkpoint itself
-    from dinov2_hf.ssl.distill import load_teacher
+    from dinov2_hf.objective.distill import load_teacher
 
     published, checkpointed = (load_teacher(f)[0].state_dict() for f in (uploaded / "dinov2_hf", run / "run" / "checkpoints" / "checkpoint-2"))
     assert published.keys() == checkpointed.keys() and all(torch.equal(published[k], checkpointed[k]) for k in published)
@@ -295,7 +295,7 @@ def test_card_metadata_names_hub_datasets_and_the_teachers_repo(tmp_path):
     from huggingface_hub import ModelCard
 
     from dinov2_hf.training.config import load_train_config
-    from dinov2_hf.training.model_card import is_hub_id, model_card, teacher_repo_id
+    from dinov2_hf.hub.model_card import is_hub_id, model_card, teacher_repo_id
 
     assert is_hub_id("facebook/dinov2-large") and not is_hub_id("cifar10")
     assert not is_hub_id("../shared/data/cifar10/train-00000-of-00005.parquet") and not is_hub_id("data/*.parquet")

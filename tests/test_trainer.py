@@ -207,8 +207,8 @@ def test_training_step_accumulates_like_the_mean_loss():
     from test_objective import fake_batch
     from test_objective import tiny_config as tiny_ssl_config
 
-    from dinov2_hf.ssl import SSLMetaArch, build_schedules, param_groups
-    from dinov2_hf.ssl.step import training_step
+    from dinov2_hf.objective import SSLMetaArch, build_schedules, param_groups
+    from dinov2_hf.objective.step import training_step
 
     config = tiny_ssl_config()
     batches = [fake_batch(config, seed=0), fake_batch(config, seed=1)]
@@ -222,7 +222,7 @@ def test_training_step_accumulates_like_the_mean_loss():
             record = training_step(arch, optimizer, batches, schedules, 2000, 3.0)
         else:  # the reference: both forward passes, one backward of the mean, then the usual update
             values = schedules.at(2000)
-            from dinov2_hf.ssl.param_groups import apply_schedules
+            from dinov2_hf.objective.param_groups import apply_schedules
 
             apply_schedules(optimizer, values["lr"], values["weight_decay"], values["last_layer_lr"])
             outs = [arch(b, teacher_temp=values["teacher_temp"]) for b in batches]

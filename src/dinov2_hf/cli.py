@@ -164,28 +164,14 @@ def _let_arrow_threads_finish() -> None:
     time.sleep(datasets_config.SLEEP_TIME_ON_THREADS_SHUTDOWN)
 
 
-def _load_image(name: str):
-    from PIL import Image
-
-    path = Path(name)
-    if path.is_file():
-        from .data import open_rgb
-
-        return open_rgb(path)
-    if name in ("china.jpg", "flower.jpg"):
-        from sklearn.datasets import load_sample_image
-
-        return Image.fromarray(load_sample_image(name))
-    raise FileNotFoundError(f"Image {name!r} is neither a file nor a built-in sample (china.jpg, flower.jpg).")
-
-
 def run_demo(args: argparse.Namespace) -> dict:
     import torch
 
+    from .data import load_image
     from .modeling import dinov2_image_processor
     from .modeling.loading import load_backbone
 
-    image = _load_image(args.image)
+    image = load_image(args.image)
     model, description = load_backbone(args.model, args.preset)
     processor = dinov2_image_processor()
     pixel_values = processor(image, return_tensors="pt")["pixel_values"]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ssl.masking import MaskingGenerator, stratified_masks
+from .masking import MaskingGenerator, stratified_masks
 
 
 @dataclass

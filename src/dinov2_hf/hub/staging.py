@@ -94,7 +94,7 @@ def resolve_source(source: str | Path) -> RunSource:
 
 def _read_run_records(found: RunSource) -> None:
     """Recipe, step, compute and last metrics of the checkpoint and its run, when present."""
-    from ..ssl.distill import TEACHER_CONFIG
+    from ..objective.distill import TEACHER_CONFIG
     from ..training.config import load_train_config
 
     checkpoint = found.checkpoint
@@ -136,7 +136,7 @@ def checkpoint_backbone(checkpoint: Path, config) -> tuple[object, dict, int]:
     from safetensors import safe_open
 
     from ..modeling import Dinov2HFModel
-    from ..ssl.meta_arch import build_student_config
+    from ..objective.meta_arch import build_student_config
     from ..training.parallel import SHARDED_DIR
 
     ema = "student_ema" if config.distill.teacher else "teacher"
@@ -269,7 +269,7 @@ def stage_upload(
 
     from ..eval.visualize import pca_figure
     from ..modeling.loading import load_backbone
-    from ..training.model_card import model_card
+    from .model_card import model_card
 
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}.")

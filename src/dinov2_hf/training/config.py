@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Literal
 
 from ..data.sources import DataSettings
-from ..ssl.config import SSLConfig, TrainSettings, load_recipe
-from ..ssl.schedules import ScheduleConfig
+from ..objective.config import SSLConfig, TrainSettings, load_recipe
+from ..objective.schedules import ScheduleConfig
 
 
 @dataclass

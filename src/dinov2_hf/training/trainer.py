@@ -39,15 +39,15 @@ from ..data.sources import DataSettings, MultiCropStream, image_source, load_ima
 from ..data.transforms import BatchedPhotometric, MultiCropGeometry
 from ..eval import knn_classify
 from ..modeling.convert import export_transformers, save_ours
-from ..ssl import CropsSettings, SSLMetaArch, build_schedules, param_groups
+from ..objective import CropsSettings, SSLMetaArch, build_schedules, param_groups
 from ..modeling.loading import load_backbone
-from ..ssl.distill import TEACHER_CONFIG, DistillMetaArch, FeatureDistillMetaArch, load_teacher
-from ..ssl.schedules import Schedules
-from ..ssl.step import augment_batch, training_step
+from ..objective.distill import TEACHER_CONFIG, DistillMetaArch, FeatureDistillMetaArch, load_teacher
+from ..objective.schedules import Schedules
+from ..objective.step import augment_batch, training_step
 from ..modeling import Dinov2HFModel
 from .checkpoint import atomic_checkpoint, latest_checkpoint, prune_checkpoints
 from .config import TrainConfig
-from .model_card import training_model_card
+from ..hub.model_card import training_model_card
 from .parallel import fsdp_requested, full_root_params, full_state_dict, load_sharded, save_sharded, shard_meta_arch
 
 logger = logging.getLogger(__name__)
