@@ -9,8 +9,9 @@ from test_trainer import tiny_config as tiny_train_config
 from test_trainer import write_cifar_subset
 
 from dinov2_hf.objective import DinoSettings, ModelSettings, SSLMetaArch
-from dinov2_hf.objective.distill import DistillMetaArch, load_teacher
-from dinov2_hf.training.trainer import Trainer, build_arch
+from dinov2_hf.objective.distill import DistillMetaArch
+from dinov2_hf.training.build import build_arch, load_teacher
+from dinov2_hf.training.trainer import Trainer
 
 
 def student_config(**dino):
@@ -261,8 +262,8 @@ def test_a_bf16_teacher_gives_the_fp32_teachers_targets_within_bf16_rounding():
 
 
 def test_teacher_dtype_auto_follows_mixed_precision_but_not_fsdp(monkeypatch, tmp_path):
+    from dinov2_hf.training.build import teacher_dtype
     from dinov2_hf.training.config import load_train_config
-    from dinov2_hf.training.trainer import teacher_dtype
 
     def resolved(**settings):
         overrides = [f"train.mixed_precision={settings.get('precision', 'no')}", f"distill.teacher_dtype={settings.get('dtype', 'auto')}"]

@@ -1,9 +1,8 @@
 """The trainer on CPU: loss goes down, kill-and-resume continues the same trajectory, bad images are
 counted, the export loads with stock transformers."""
 
-import io
-import math
 import json
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from dinov2_hf.config_utils import ConfigError
+from dinov2_hf.hub import hub_callbacks
 from dinov2_hf.training.config import load_train_config
 from dinov2_hf.training.trainer import Trainer
 
@@ -54,7 +54,8 @@ def test_kill_and_resume_reproduces_the_trajectory(cifar_dir, tmp_path):
 
 def test_bad_images_are_counted_and_export_loads_in_stock_transformers(cifar_dir, tmp_path):
     data = write_cifar_subset(cifar_dir, tmp_path / "data", corrupt=4)
-    history = Trainer(tiny_config(data, tmp_path / "run", max_steps=8, num_workers=1)).train()
+    config = tiny_config(data, tmp_path / "run", max_steps=8, num_workers=1)
+    history = Trainer(config, hub_callbacks(config)).train()  # with the model cards
     assert history[-1]["skipped_images"] == 4
     from transformers import AutoImageProcessor, AutoModel
 
@@ -175,9 +176,20 @@ def test_resolution_adaptation_phase_and_resume_across_it(cifar_dir, tmp_path):
     assert [r["step"] for r in resumed] == [8, 9, 10]
     for a, b in zip(resumed, full[8:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6), (a["step"], a["loss"], b["loss"])
+    # The export and what `dinov2-hf push` stages from the checkpoint agree on the resolution the run ended at:
+    # 48 px after adaptation steps, 32 px for the run stopped before them (its export is rewritten on resume).
     from transformers import AutoImageProcessor
 
-    assert AutoImageProcessor.from_pretrained(tmp_path / "full" / "export" / "transformers").crop_size["height"] == 48
+    from dinov2_hf.hub import stage_upload
+
+    def crop_size(folder):
+        return AutoImageProcessor.from_pretrained(folder).crop_size["height"]
+
+    assert crop_size(tmp_path / "full" / "export" / "transformers") == 48
+    assert crop_size(stage_upload(tmp_path / "full" / "checkpoints" / "checkpoint-11", tmp_path / "stage-full", "stock").folder) == 48
+    stopped = Trainer(tiny_config(data, tmp_path / "stopped", adaptation, max_steps=8, save_every=8)).train()
+    assert crop_size(tmp_path / "stopped" / "export" / "transformers") == 32
+    assert crop_size(stage_upload(tmp_path / "stopped" / "checkpoints" / "checkpoint-8", tmp_path / "stage-8", "stock").folder) == 32
 
 
 

@@ -119,12 +119,15 @@ def _add_distill(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    from .hub.training import hub_callbacks, push_callback
     from .training.config import load_train_config
     from .training.trainer import Trainer
 
     overrides = list(args.overrides) + ([f"distill.teacher={args.teacher}"] if getattr(args, "teacher", None) else [])
     config = load_train_config(args.config, overrides)  # fails on unknown keys before any work
-    trainer = Trainer(config)
+    callbacks = hub_callbacks(config)  # checks the push target and token before any work
+    trainer = Trainer(config, callbacks)
+    pusher = push_callback(callbacks)
     if trainer.accelerator.is_main_process:
         print(f"dinov2_hf train: {trainer.describe()}; {config.total_steps} steps -> {trainer.output_dir}", flush=True)
     try:
@@ -143,10 +146,10 @@ def run_train(args: argparse.Namespace) -> None:
         if trainer.final_knn is not None:
             baseline = f"{trainer.initial_knn:.1%} at initialisation -> " if trainer.initial_knn is not None else ""
             print(f"kNN top-1 (k={config.monitor.k}) on {config.monitor.source}: {baseline}{trainer.final_knn:.1%} exported")
-        if trainer.push_result is not None:
-            print(f"pushed to {trainer.push_result.repo_url}: {trainer.push_result.pr_url or trainer.push_result.commit_url}")
-        elif trainer.push_error is not None:
-            print(f"push to {config.hub.repo_id} failed: {trainer.push_error}; the export is kept. "
+        if pusher is not None and pusher.result is not None:
+            print(f"pushed to {pusher.result.repo_url}: {pusher.result.pr_url or pusher.result.commit_url}")
+        elif pusher is not None and pusher.error is not None:
+            print(f"push to {config.hub.repo_id} failed: {pusher.error}; the export is kept. "
                   f"Retry with: dinov2-hf push {trainer.output_dir} {config.hub.repo_id}")
             raise SystemExit(1)
 

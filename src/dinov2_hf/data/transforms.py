@@ -70,8 +70,8 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
 class MultiCropGeometry:
     """Per-image geometric part of the multi-crop: crops + flips, as uint8 (3, S, S) tensors."""
 
-    def __init__(self, settings: CropSettings = CropSettings(), seed: int | None = None) -> None:
-        self.settings = settings
+    def __init__(self, settings: CropSettings | None = None, seed: int | None = None) -> None:
+        self.settings = settings if settings is not None else CropSettings()
         self.rng = random.Random(seed)
 
     def _crop(self, image: Image.Image, size: int, scale: tuple[float, float]) -> torch.Tensor:

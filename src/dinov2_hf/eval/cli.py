@@ -196,8 +196,17 @@ def _visualize(args: argparse.Namespace, model, description: str) -> dict:
 def _dense(args: argparse.Namespace, model, device: str) -> tuple[dict, dict]:
     """Linear segmentation / depth head on the last block's patch tokens of square-resized images."""
     from ..data.sources import load_image_stream
-    from .dense import (HeadTraining, depth_metrics, load_dense_split, patch_feature_maps, predict, segmentation_metrics,
-                        to_pixel_values, train_depth_head, train_segmentation_head)
+    from .dense import (
+        HeadTraining,
+        depth_metrics,
+        load_dense_split,
+        patch_feature_maps,
+        predict,
+        segmentation_metrics,
+        to_pixel_values,
+        train_depth_head,
+        train_segmentation_head,
+    )
 
     kind, column = ("mask", args.mask_column) if args.task == "segmentation" else ("depth", args.depth_column)
     splits = {}

@@ -81,7 +81,7 @@ class StudentWithEMA(nn.Module):
             if isinstance(module, SoftmaxCenter):
                 module.apply_pending_update()
 
-    def compile_blocks(self, **compile_kwargs) -> "StudentWithEMA":
+    def compile_blocks(self, **compile_kwargs) -> StudentWithEMA:
         """torch.compile every transformer block of every part (student, teacher, EMA copies), in place.
 
         Block-wise rather than whole-model: the packed student pass has one token layout per step,
@@ -95,7 +95,7 @@ class StudentWithEMA(nn.Module):
                 layer.compile(**compile_kwargs)
         return self
 
-    def train(self, mode: bool = True) -> "StudentWithEMA":
+    def train(self, mode: bool = True) -> StudentWithEMA:
         super().train(mode)
         for part in self.parts():
             if part is not self.student:

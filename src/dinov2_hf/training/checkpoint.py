@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-COMPLETE_MARKER = "COMPLETE"
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+from .run_dir import COMPLETE_MARKER, TEMPORARY_PREFIXES, checkpoint_name, list_checkpoints
 
 
 @contextlib.contextmanager
@@ -32,8 +30,8 @@ def atomic_checkpoint(
     every rank has finished writing.
     """
     root = Path(root)
-    final = root / f"checkpoint-{step}"
-    temporary = root / f".tmp-checkpoint-{step}"
+    final = root / checkpoint_name(step)
+    temporary = root / f"{TEMPORARY_PREFIXES[0]}{step}"
     if is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(temporary, ignore_errors=True)  # left over by a crash at this very step
@@ -45,7 +43,7 @@ def atomic_checkpoint(
         if is_main_process:
             (temporary / COMPLETE_MARKER).write_text(str(step))
             if final.exists():
-                backup = root / f".old-checkpoint-{step}-{uuid.uuid4().hex[:8]}"
+                backup = root / f"{TEMPORARY_PREFIXES[1]}{step}-{uuid.uuid4().hex[:8]}"
                 os.replace(final, backup)
                 os.replace(temporary, final)
                 shutil.rmtree(backup, ignore_errors=True)
@@ -58,32 +56,6 @@ def atomic_checkpoint(
         raise
 
 
-def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        match = CHECKPOINT_PATTERN.match(path.name)
-        if match and path.is_dir() and (path / COMPLETE_MARKER).is_file():
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint (what ``--resume auto`` continues from), or None."""
-    checkpoints = list_checkpoints(root)
-    return checkpoints[-1] if checkpoints else None
-
-
-def checkpoint_step(path: str | Path) -> int:
-    match = CHECKPOINT_PATTERN.match(Path(path).name)
-    if not match:
-        raise ValueError(f"{path} is not a checkpoint-<step> folder.")
-    return int(match.group(1))
-
-
 def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` complete checkpoints and any leftover temporary
     folders of interrupted writes; returns what was removed."""
@@ -92,7 +64,7 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
     root = Path(root)
     removed = list_checkpoints(root)[:-keep_last]
     if root.is_dir():
-        removed += [p for p in root.iterdir() if p.name.startswith((".tmp-checkpoint-", ".old-checkpoint-"))]
+        removed += [p for p in root.iterdir() if p.name.startswith(TEMPORARY_PREFIXES)]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed

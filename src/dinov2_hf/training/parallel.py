@@ -21,8 +21,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SHARDED_DIR = "sharded"
-
 
 def fsdp_requested() -> bool:
     """True when ``accelerate launch`` was given an FSDP config (it exports ACCELERATE_USE_FSDP)."""
@@ -74,12 +72,12 @@ def full_root_params(model: nn.Module) -> Iterator[None]:
 
 
 def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Model and optimizer shards of every rank into ``folder/sharded`` (collective)."""
+    """Model and optimizer shards of every rank into the DCP folder ``folder`` (collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder / SHARDED_DIR))
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
 
 
 def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -87,11 +85,11 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    if not (folder / SHARDED_DIR).is_dir():
-        raise FileNotFoundError(f"{folder} holds no sharded state ({SHARDED_DIR}/): it was written by an unsharded run.")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist: the checkpoint was written by an unsharded run.")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(folder / SHARDED_DIR))
+    dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -102,3 +100,20 @@ def full_state_dict(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def read_sharded(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The full tensors under ``model.<prefix>`` of a DCP folder written by :func:`save_sharded`, read in this
+    one process (DCP needs no process group to read; shapes and dtypes come from its metadata)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    wanted = {key[len("model.") :]: entry for key, entry in metadata.items() if key.startswith(f"model.{prefix}")}
+    state = {"model": {key: torch.empty(entry.size, dtype=entry.properties.dtype) for key, entry in wanted.items()}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no process group": reading in one process is what we want
+        dcp.load(state, checkpoint_id=str(folder))
+    return state["model"]

@@ -13,7 +13,6 @@ to the saved position, so it continues the uninterrupted run's trajectory.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -21,15 +20,15 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
-from PIL import Image
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..config_utils import to_dict
@@ -38,21 +37,19 @@ from ..data.decode import ImageDecodeError, open_rgb
 from ..data.sources import DataSettings, MultiCropStream, image_source, load_image_stream
 from ..data.transforms import BatchedPhotometric, MultiCropGeometry
 from ..eval import knn_classify
+from ..modeling import Dinov2HFModel
 from ..modeling.convert import export_transformers, save_ours
-from ..objective import CropsSettings, SSLMetaArch, build_schedules, param_groups
-from ..modeling.loading import load_backbone
-from ..objective.distill import TEACHER_CONFIG, DistillMetaArch, FeatureDistillMetaArch, load_teacher
+from ..objective import CropsSettings, build_schedules, param_groups
 from ..objective.schedules import Schedules
 from ..objective.step import augment_batch, training_step
-from ..modeling import Dinov2HFModel
-from .checkpoint import atomic_checkpoint, latest_checkpoint, prune_checkpoints
+from . import run_dir
+from .build import build_arch
+from .checkpoint import atomic_checkpoint, prune_checkpoints
 from .config import TrainConfig
-from ..hub.model_card import training_model_card
 from .parallel import fsdp_requested, full_root_params, full_state_dict, load_sharded, save_sharded, shard_meta_arch
+from .run_dir import RunDir
 
 logger = logging.getLogger(__name__)
-TRAINER_STATE = "trainer_state.json"
-METRICS_FILE = "metrics.jsonl"
 DATA_STREAM, STEP_STREAM = 0, 1  # the per-epoch data seeds and the per-step augmentation seeds
 
 
@@ -93,48 +90,13 @@ class Phase:
     start: int
 
 
-def build_arch(config: TrainConfig) -> torch.nn.Module:
-    """The module the trainer optimises: self-distillation, or distillation from ``distill.teacher``."""
-    distill = config.distill
-    if not distill.teacher:
-        return SSLMetaArch(config)
-    mode = distill.mode
-    if mode == "auto":
-        mode = "heads" if (Path(distill.teacher) / TEACHER_CONFIG).is_file() else "features"
-    dtype = teacher_dtype(config)  # (checked before loading a possibly large teacher)
-    # Building the teacher must not draw from the global RNG: the student then starts from the same
-    # weights as the same student trained from scratch, so the two runs compare like for like.
-    with torch.random.fork_rng(devices=[]):
-        if mode == "heads":
-            teacher, teacher_config = load_teacher(distill.teacher)
-        else:
-            teacher_backbone, _ = load_backbone(distill.teacher)
-    if mode == "heads":
-        return DistillMetaArch(config, teacher, teacher_config, teacher_dtype=dtype)
-    return FeatureDistillMetaArch(config, teacher_backbone, distill.loss, distill.patch_weight, distill.standardize_targets, dtype)
-
-
-def teacher_dtype(config: TrainConfig) -> torch.dtype:
-    """The frozen distillation teacher's storage dtype (``distill.teacher_dtype``)."""
-    wanted = config.distill.teacher_dtype
-    if wanted == "bfloat16" and fsdp_requested():
-        raise ValueError(
-            "distill.teacher_dtype=bfloat16 under FSDP: FSDP shards the teacher with the student and needs one dtype; "
-            "use distill.teacher_dtype=auto (float32 shards, bf16 compute with mixed_precision bf16)."
-        )
-    if wanted == "auto":
-        wanted = "bfloat16" if config.train.mixed_precision == "bf16" and not fsdp_requested() else "float32"
-    return getattr(torch, wanted)
-
-
 class Trainer:
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, callbacks: Sequence[object] = ()) -> None:
+        """``callbacks``: objects with an ``on_export(trainer, export_dir, last_record)`` method, called on every
+        process after the export (``dinov2_hf.hub.hub_callbacks`` writes model cards and pushes)."""
         self.config = config
+        self.callbacks = list(callbacks)
         train = config.train
-        if config.hub.push_to_hub:
-            from ..hub import resolve_token
-
-            resolve_token()  # no token (or offline): stop now, not after training
         # `accelerate launch` with a DDP or FSDP config starts torchrun processes; without an accelerator
         # Accelerate would make each a lone process (its CPU launch flags give one process), so they
         # become gloo ranks here. Its FSDP plugin is accelerator-only: such CPU ranks are sharded below
@@ -152,6 +114,7 @@ class Trainer:
         )
         set_seed(train.seed)
         self.output_dir = Path(train.output_dir)
+        self.run = RunDir(self.output_dir)
         if train.gradient_accumulation_steps < 1:
             raise ValueError(f"train.gradient_accumulation_steps={train.gradient_accumulation_steps} must be at least 1.")
         arch = build_arch(config)
@@ -182,8 +145,6 @@ class Trainer:
         self._last_collapse_warning = -(10**9)
         self.train_seconds = 0.0  # wall time of the steps so far, over resumed sessions (for the model card)
         self._session_start = time.perf_counter()
-        self.push_result = None  # hub.push_to_hub: the PushResult, or the error that stopped the push
-        self.push_error: Exception | None = None
 
     def _build_phases(self, patch_size: int) -> list[Phase]:
         """The main phase and, if configured, the resolution-adaptation phase after it."""
@@ -319,24 +280,24 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        root = self.output_dir / "checkpoints"
+        root = self.run.checkpoints
         accelerator = self.accelerator
         state = {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "skipped_images": self.skipped_images,
                  **self.compute_record()}
         accelerator.unwrap_model(self.model).apply_pending_center_updates()  # rank-local buffers -> shared
         with atomic_checkpoint(root, self.step, accelerator.is_main_process, accelerator.wait_for_everyone) as folder:
             if self.sharded:
-                save_sharded(folder, self.model, self.optimizer.optimizer)
-                torch.save(torch.get_rng_state(), folder / f"torch_rng_{accelerator.process_index}.pt")
+                save_sharded(folder / run_dir.SHARDED_DIR, self.model, self.optimizer.optimizer)
+                torch.save(torch.get_rng_state(), folder / run_dir.rng_file(accelerator.process_index))
             else:
                 accelerator.save_state(str(folder))
             if accelerator.is_main_process:
-                (folder / TRAINER_STATE).write_text(json.dumps(state))
+                run_dir.write_trainer_state(folder, state)
                 # The recipe travels with the weights: a checkpoint can serve as a distillation teacher.
-                (folder / TEACHER_CONFIG).write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+                run_dir.write_recipe(folder, self.config)
         if accelerator.is_main_process:
             prune_checkpoints(root, self.config.train.keep_last)
-        return root / f"checkpoint-{self.step}"
+        return self.run.checkpoint(self.step)
 
     def compute_record(self) -> dict:
         """Processes, device, precision and training wall time so far: the model card's compute section."""
@@ -349,24 +310,20 @@ class Trainer:
         resume = self.config.train.resume
         if resume == "none":
             return
-        path = latest_checkpoint(self.output_dir / "checkpoints") if resume == "auto" else Path(resume)
+        path = self.run.latest() if resume == "auto" else Path(resume)
         if path is None:
             return
-        if not (path / TRAINER_STATE).is_file():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE}).")
+        state = run_dir.read_trainer_state(path)  # (fails on an incomplete checkpoint before loading anything)
         if self.sharded:
-            load_sharded(path, self.model, self.optimizer.optimizer)
-            torch.set_rng_state(torch.load(path / f"torch_rng_{self.accelerator.process_index}.pt", weights_only=True))
+            load_sharded(path / run_dir.SHARDED_DIR, self.model, self.optimizer.optimizer)
+            torch.set_rng_state(torch.load(path / run_dir.rng_file(self.accelerator.process_index), weights_only=True))
         else:
             self.accelerator.load_state(str(path))
-        state = json.loads((path / TRAINER_STATE).read_text())
         self.step, self.epoch = state["step"], state["epoch"]
         self.batches_in_epoch, self.skipped_images = state["batches_in_epoch"], state["skipped_images"]
         self.train_seconds = state.get("train_seconds", 0.0)  # (the session clock restarts in _train)
-        metrics = self.output_dir / METRICS_FILE
-        if self.accelerator.is_main_process and metrics.is_file():  # drop steps the checkpoint does not hold
-            lines = metrics.read_text().splitlines(keepends=True)
-            metrics.write_text("".join(line for line in lines if json.loads(line)["step"] < self.step))
+        if self.accelerator.is_main_process:  # drop steps the checkpoint does not hold
+            self.run.truncate_metrics(self.step)
         logger.info("Resumed from %s at step %d", path, self.step)
 
     # -- loop -----------------------------------------------------------------------------------------
@@ -386,8 +343,7 @@ class Trainer:
 
     def _log(self, record: dict, progress, images_per_second: float) -> None:
         if self.accelerator.is_main_process:  # every step, tracker-independent: output_dir/metrics.jsonl
-            with open(self.output_dir / METRICS_FILE, "a") as file:
-                file.write(json.dumps({**record, "images_per_second": images_per_second}) + "\n")
+            self.run.append_metrics({**record, "images_per_second": images_per_second})
         if self.step % self.config.train.log_every == 0 or self.step == self.config.total_steps:
             metrics = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
             self.accelerator.log({**metrics, "images_per_second": images_per_second}, step=self.step)
@@ -451,7 +407,7 @@ class Trainer:
                 }
                 if not math.isfinite(record["loss"]):
                     # The optimizer has already applied this step: saving now would keep broken weights.
-                    last = latest_checkpoint(self.output_dir / "checkpoints")
+                    last = self.run.latest()
                     raise RuntimeError(
                         f"The loss is {record['loss']} at step {self.step}; resume from the last good checkpoint ({last}) "
                         "with a lower learning rate or bf16 instead of fp16."
@@ -479,55 +435,32 @@ class Trainer:
                 self.epoch, self.batches_in_epoch = self.epoch + 1, 0
         progress.close()
         if self.stop_signal is not None:
-            path = latest_checkpoint(self.output_dir / "checkpoints")
+            path = self.run.latest()
             logger.warning("Stopped by signal %d at step %d; checkpoint %s. Run the same command to resume.", self.stop_signal, self.step, path)
         else:
             if self.step % self.config.train.save_every:  # the loop saved this step already otherwise
                 self.save_checkpoint()
             if self.config.monitor.every and self._monitoring():
                 self.final_knn = self.knn_monitor()  # of the teacher, i.e. the exported backbone
-            self.export(history[-1] if history else None)
-            if self.config.hub.push_to_hub and self.accelerator.is_main_process:
-                self.push()
+            export_dir = self.export()
+            for callback in self.callbacks:
+                callback.on_export(self, export_dir, history[-1] if history else None)
         self.accelerator.end_training()
         return history
 
-    def export(self, last_record: dict | None = None) -> Path:
-        """The teacher backbone in our format (heads stay in the checkpoints) and in stock transformers
-        format, each with the image processor and a model card (recipe, data, steps, last metrics)."""
+    def export(self) -> Path:
+        """The exported backbone (teacher, or a distilled student's EMA) in our format and in stock transformers
+        format, each with the image processor sized for the resolution the run ended at."""
         arch = self.accelerator.unwrap_model(self.model)
         backbone = arch.exported_backbone
-        export_dir = self.output_dir / "export"
         if self.sharded:  # gather the full exported backbone (collective), then save it from rank 0
             weights = full_state_dict(self.model, prefix=f"{arch.ema_part}.backbone.")
             if self.accelerator.is_main_process:
                 backbone = Dinov2HFModel(backbone.config)
                 backbone.load_state_dict(weights)
         if self.accelerator.is_main_process:
-            crop = self.phases[-1].crops.global_crops_size  # the resolution the teacher ended at
-            save_ours(backbone, export_dir / "dinov2_hf", crop_size=crop)
-            export_transformers(backbone, export_dir / "transformers", crop_size=crop)
-            for export_format in ("dinov2_hf", "transformers"):
-                folder = export_dir / export_format
-                card = training_model_card(self.config, self.step, last_record, export_format, folder, self.compute_record())
-                card.save(folder / "README.md")
+            crop = run_dir.final_crop_size(self.config, self.step)
+            save_ours(backbone, self.run.export_folder(run_dir.OURS_FORMAT), crop_size=crop)
+            export_transformers(backbone, self.run.export_folder(run_dir.STOCK_FORMAT), crop_size=crop)
         self.accelerator.wait_for_everyone()
-        return export_dir
-
-    def push(self):
-        """Publish the export (``hub`` settings) from the main process. A failure is logged and kept in
-        ``push_error``: the export and checkpoints stay, and ``dinov2-hf push OUTPUT_DIR REPO_ID`` retries."""
-        from ..hub import push_checkpoint
-
-        hub = self.config.hub
-        try:
-            self.push_result, _ = push_checkpoint(
-                self.output_dir, hub.repo_id, private=hub.private, revision=hub.revision or None, create_pr=hub.create_pr,
-                fmt=hub.format, commit_message=hub.commit_message or None,
-            )
-            logger.info("Pushed %s to %s", self.output_dir / "export", self.push_result.commit_url)
-        except Exception as error:  # the export must survive any push failure
-            self.push_error = error
-            logger.error("Push to %s failed: %s. The export is in %s; retry with `dinov2-hf push %s %s`.",
-                         hub.repo_id, error, self.output_dir / "export", self.output_dir, hub.repo_id)
-        return self.push_result
+        return self.run.export
