@@ -52,6 +52,29 @@ for log in sorted(pathlib.Path(sys.argv[1]).glob("sweep_*.log")):
     print(log.stem, " ".join(rows[::2] + rows[-1:]))
 PY
 fi
+if [ "${RUN_CIFAR:-0}" = 1 ] && [ -d .gpu_data ]; then
+  # [learns]: the cifar10 recipe as shipped on one GPU, its schedule fitted to CIFAR_STEPS, stopped by CIFAR_TIMEOUT
+  # (the goal: 85% kNN within 15 GPU-minutes; one device call runs at most 10 minutes here). kNN of the EMA teacher
+  # every CIFAR_KNN_EVERY steps: the first 5,000 training images as memory, the first 1,000 test images as queries.
+  # (The SIGTERM of the timeout makes the trainer write a checkpoint and stop.)
+  timeout -s TERM "${CIFAR_TIMEOUT:-540}" python3 -m dinov2_hf.cli train --config cifar10 "data.source=.gpu_data/train-*.parquet" \
+    "monitor.source=.gpu_data/train-00000-of-00005.parquet" "monitor.test_source=.gpu_data/test-00000-of-00001.parquet" \
+    monitor.train_images=5000 monitor.test_images=1000 "monitor.every=${CIFAR_KNN_EVERY:-500}" "train.max_steps=${CIFAR_STEPS:-8000}" \
+    "train.num_workers=${CIFAR_WORKERS:-12}" train.log_with=none "train.save_every=${CIFAR_STEPS:-8000}" \
+    "train.batch_size_per_device=${CIFAR_BATCH:-256}" train.output_dir=/tmp/cifar_run ${CIFAR_ARGS:-} >"$OUT/cifar_run.log" 2>&1
+  echo "cifar exit $?"; cp /tmp/cifar_run/metrics.jsonl "$OUT/cifar_metrics.jsonl" 2>/dev/null
+  python3 - "$OUT/cifar_metrics.jsonl" "${CIFAR_BATCH:-256}" <<'PY'
+import json, sys
+seconds, rows, batch = 0.0, [], int(sys.argv[2])
+for line in open(sys.argv[1]):
+    record = json.loads(line)
+    seconds += batch / max(record["images_per_second"], 1e-9)  # the step's own time (kNN passes not counted)
+    if "knn_top1" in record:
+        rows.append(f"step {record['step'] + 1} ({seconds / 60:.1f} min): kNN {100 * record['knn_top1']:.1f}%, "
+                    f"teacher entropy {record.get('teacher_entropy', float('nan')):.3f}")
+print("\n".join(rows) or "no kNN logged")
+PY
+fi
 if [ "${RUN_DISTILL:-0}" = 1 ] && [ -d .gpu_data ]; then
   # Issue 7's comparison at a scale where the teacher learns: RUN_DISTILL=1 RUN_SSL=0 RUN_DATA=0 RUN_CHECK=0 RUN_BENCH=0
   timeout "${DISTILL_TIMEOUT:-540}" python3 scripts/bench_distill.py --recipe cifar10 --data .gpu_data/train-00000-of-00005.parquet \

@@ -27,8 +27,9 @@ from dinov2_hf.data import open_rgb  # noqa: E402
 from dinov2_hf.data.collate import MultiCropCollator  # noqa: E402
 from dinov2_hf.data.transforms import BatchedPhotometric, MultiCropGeometry  # noqa: E402
 from dinov2_hf.eval import knn_classify  # noqa: E402
-from dinov2_hf.objective import SSLMetaArch, build_schedules, param_groups  # noqa: E402
+from dinov2_hf.objective import build_schedules, param_groups  # noqa: E402
 from dinov2_hf.objective.config import load_recipe  # noqa: E402
+from dinov2_hf.objective.meta_arch import build_meta_arch  # noqa: E402
 from dinov2_hf.objective.step import augment_batch, training_step  # noqa: E402
 
 
@@ -67,6 +68,19 @@ def embed(backbone, images: list[bytes], device: str, batch_size: int = 1024) ->
     return torch.cat(features)
 
 
+def seed_workers(geometry: MultiCropGeometry, collator: MultiCropCollator):
+    """A DataLoader ``worker_init_fn`` giving every worker its own crop and mask RNG (from the loader's per-worker,
+    per-epoch seed): without it each worker starts from a copy of the same RNG and they all draw the same crops
+    and masks."""
+
+    def init(worker_id: int) -> None:
+        seed = torch.utils.data.get_worker_info().seed
+        geometry.rng.seed(seed)
+        collator.rng.seed(seed + 1)  # the mask generator draws from this RNG too
+
+    return init
+
+
 def knn_accuracy(train, train_labels, test, test_labels) -> float:
     return knn_classify(train, train_labels, test, test_labels, ks=(20,), num_classes=10)[20]
 
@@ -94,13 +108,14 @@ def main() -> None:
     train_images, train_labels = read_split(args.data, "train")
     test_images, test_labels = read_split(args.data, "test")
     patch = config.model.overrides.get("patch_size", 14)
+    geometry, collator = MultiCropGeometry(config.crops), MultiCropCollator(config.crops.global_crops_size, patch)
     loader = torch.utils.data.DataLoader(
-        CropDataset(train_images, MultiCropGeometry(config.crops)),
-        batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
-        collate_fn=MultiCropCollator(config.crops.global_crops_size, patch), persistent_workers=args.workers > 0,
+        CropDataset(train_images, geometry), batch_size=args.batch_size, shuffle=True, drop_last=True,
+        num_workers=args.workers, collate_fn=collator, worker_init_fn=seed_workers(geometry, collator),
+        persistent_workers=args.workers > 0,
     )
     device = args.device
-    arch = SSLMetaArch(config).to(device).train()
+    arch = build_meta_arch(config).to(device).train()
     n_train = args.knn_images or len(train_images)
     n_test = args.knn_images // 2 or len(test_images)
 
@@ -110,7 +125,7 @@ def main() -> None:
                             embed(backbone, test_images[:n_test], device), test_labels[:n_test])
 
     initial_knn = teacher_knn()
-    photometric = BatchedPhotometric(blur=config.crops.blur)
+    photometric = BatchedPhotometric.for_crops(config.crops.global_crops_size, config.crops.blur, config.crops.blur_reference_size)
     optimizer = torch.optim.AdamW(param_groups(arch.student, config.optim.layerwise_decay, config.optim.patch_embed_lr_mult),
                                   betas=(config.optim.adamw_beta1, config.optim.adamw_beta2))
     schedules = build_schedules(config.schedule, args.batch_size)

@@ -47,7 +47,7 @@ def run(cifar_dir, steps: int | None = None, overrides: tuple[str, ...] = ()) ->
     stream = load_dataset("parquet", data_files=str(cifar_dir / "train-00000-of-00005.parquet"), split="train", streaming=True)
     geometry = MultiCropGeometry(config.crops, seed=0)
     collate = MultiCropCollator(config.crops.global_crops_size, patch_size=4, seed=0)
-    photometric = BatchedPhotometric(blur=config.crops.blur)
+    photometric = BatchedPhotometric.for_crops(config.crops.global_crops_size, config.crops.blur, config.crops.blur_reference_size)
     arch = SSLMetaArch(config).train()
     optimizer = torch.optim.AdamW(param_groups(arch.student, config.optim.layerwise_decay, config.optim.patch_embed_lr_mult),
                                   betas=(config.optim.adamw_beta1, config.optim.adamw_beta2))

@@ -47,7 +47,7 @@ def runs(cifar_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distributed")
     data = write_cifar_subset(cifar_dir, tmp / "data", rows=96)
     results = {"ddp": launch(data, tmp / "ddp", 4, DDP_CONFIG), "fsdp": launch(data, tmp / "fsdp", 4, FSDP_CONFIG)}
-    launch(data, tmp / "fsdp_resumed", 2, FSDP_CONFIG)  # "killed" after step 2 ...
+    launch(data, tmp / "fsdp_resumed", 4, FSDP_CONFIG, ("train.stop_at_step=2",))  # "killed" after step 2 ...
     results["resumed"] = launch(data, tmp / "fsdp_resumed", 4, FSDP_CONFIG)  # ... and run again: resumes
     return tmp, results
 

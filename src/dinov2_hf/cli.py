@@ -137,6 +137,14 @@ def run_train(args: argparse.Namespace) -> None:
     if trainer.stop_signal is not None:
         print(f"stopped by signal {trainer.stop_signal} at step {trainer.step}; checkpoint saved, rerun to resume")
         raise SystemExit(128 + trainer.stop_signal)
+    if trainer.stopped_on_collapse:
+        print(f"stopped at step {trainer.step}: the objective collapsed for train.stop_on_collapse="
+              f"{config.train.stop_on_collapse} steps (see the warning above for the keys to change); checkpoint saved")
+        raise SystemExit(3)
+    if trainer.step < config.total_steps:
+        print(f"stopped at train.stop_at_step={trainer.step} of {config.total_steps} steps; checkpoint saved, "
+              "rerun without train.stop_at_step to resume")
+        return
     if trainer.accelerator.is_main_process and history:
         last = history[-1]
         print(

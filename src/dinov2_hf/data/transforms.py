@@ -28,7 +28,8 @@ from PIL import Image
 
 from ..modeling.processor import IMAGENET_MEAN, IMAGENET_STD
 
-BLUR_PROBABILITIES = {"intended": (1.0, 0.1, 0.5), "official": (0.0, 0.9, 0.5)}
+BLUR_PROBABILITIES = {"intended": (1.0, 0.1, 0.5), "official": (0.0, 0.9, 0.5), "none": (0.0, 0.0, 0.0)}
+BLUR_KERNEL_SIZE, BLUR_SIGMA = 9, (0.1, 2.0)  # torchvision GaussianBlur(9, (0.1, 2.0)) at 224 px, as the official code
 
 
 @dataclass
@@ -145,7 +146,12 @@ def adjust_hue(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     return torch.stack(channels, dim=1).clamp_(0, 1)
 
 
-def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, kernel_size: int = 9) -> torch.Tensor:
+def blur_kernel_size(scale: float) -> int:
+    """The official kernel (9 px at 224 px crops) scaled by ``scale``: the odd size nearest ``9 * scale``, at least 3."""
+    return max(2 * round((BLUR_KERNEL_SIZE - 1) / 2 * scale) + 1, 3)
+
+
+def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, kernel_size: int = BLUR_KERNEL_SIZE) -> torch.Tensor:
     """Separable Gaussian blur with one sigma per image, reflect padding (torchvision's kernel)."""
     batch, channels, height, width = images.shape
     half = (kernel_size - 1) * 0.5
@@ -183,13 +189,29 @@ class BatchedPhotometric:
         blur: str = "intended",
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
+        blur_scale: float = 1.0,
     ) -> None:
         if blur not in BLUR_PROBABILITIES:
-            raise ValueError(f"blur={blur!r}: choose 'intended' (paper: 1.0/0.1/0.5) or 'official' (code: 0.0/0.9/0.5).")
+            raise ValueError(
+                f"blur={blur!r}: choose 'intended' (paper: 1.0/0.1/0.5), 'official' (code: 0.0/0.9/0.5) or 'none'."
+            )
+        if blur_scale <= 0:
+            raise ValueError(f"blur_scale={blur_scale} must be positive.")
+        # Blur is defined in pixels of 224-px crops; ``blur_scale`` (crop size / 224) keeps its reach the same
+        # fraction of a smaller crop (at 32 px the official sigma of up to 2 px blurs a crop into a blob).
+        self.blur_kernel_size = BLUR_KERNEL_SIZE if blur_scale == 1.0 else blur_kernel_size(blur_scale)
+        self.blur_sigma = tuple(sigma * blur_scale for sigma in BLUR_SIGMA)
         self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
         self.color_jitter_prob, self.grayscale_prob, self.solarize_prob = color_jitter_prob, grayscale_prob, solarize_prob
         self.blur_global1, self.blur_global2, self.blur_local = BLUR_PROBABILITIES[blur]
         self.mean, self.std = mean, std
+
+    @classmethod
+    def for_crops(cls, global_crops_size: int, blur: str = "intended", blur_reference_size: int = 0) -> BatchedPhotometric:
+        """The recipe's augmentation: ``blur_reference_size`` > 0 scales the blur by ``global_crops_size /
+        blur_reference_size`` (224 for the official parameters); 0 keeps the official 224-px blur at any size."""
+        scale = global_crops_size / blur_reference_size if blur_reference_size else 1.0
+        return cls(blur=blur, blur_scale=scale)
 
     def _uniform(self, n: int, low: float, high: float, device, generator) -> torch.Tensor:
         return torch.rand(n, device=device, generator=generator) * (high - low) + low
@@ -233,8 +255,8 @@ class BatchedPhotometric:
         selected = (torch.rand(n, device=images.device, generator=generator) < probability).nonzero().flatten()
         if selected.numel() == 0:
             return images
-        sigmas = self._uniform(selected.numel(), 0.1, 2.0, images.device, generator)
-        images[selected] = gaussian_blur(images[selected], sigmas)
+        sigmas = self._uniform(selected.numel(), *self.blur_sigma, images.device, generator)
+        images[selected] = gaussian_blur(images[selected], sigmas, self.blur_kernel_size)
         return images
 
     def random_solarize(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

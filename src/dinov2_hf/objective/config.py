@@ -52,7 +52,21 @@ class IbotSettings(HeadSettings):
 
 @dataclass
 class CropsSettings(CropSettings):
-    blur: Literal["intended", "official"] = "intended"
+    """Crop geometry plus the photometric settings: blur probabilities (``intended``: the paper's
+    1.0/0.1/0.5, ``official``: the code's 0.0/0.9/0.5, ``none``) and ``blur_reference_size``: 0 keeps the
+    official 224-px blur (kernel 9, sigma 0.1-2) at any crop size; N scales kernel and sigma by
+    ``global_crops_size / N`` (224: the official blur's reach, as a fraction of the crop, at any size)."""
+
+    blur: Literal["intended", "official", "none"] = "intended"
+    blur_reference_size: int = 0
+
+
+@dataclass
+class SimDinoSettings:
+    """``objective=simdino`` (Wu et al., 2025): coding-rate ``eps`` and the expansion term's weight."""
+
+    coding_rate_eps: float = 0.05
+    expansion_weight: float = 1.0
 
 
 @dataclass
@@ -78,6 +92,10 @@ class SSLConfig:
     dino: DinoSettings = field(default_factory=DinoSettings)
     ibot: IbotSettings = field(default_factory=IbotSettings)
     crops: CropsSettings = field(default_factory=CropsSettings)
+    # dino: the official DINO + iBOT cross-entropies over prototypes; simdino: SimDINO's feature alignment
+    # with a coding-rate term (no prototypes, centering or teacher temperature; see losses/simdino_loss.py)
+    objective: Literal["dino", "simdino"] = "dino"
+    simdino: SimDinoSettings = field(default_factory=SimDinoSettings)
     centering: Literal["softmax_center", "sinkhorn_knopp"] = "softmax_center"
     student_temp: float = 0.1
     center_momentum: float = 0.9

@@ -63,7 +63,8 @@ class DINOHead(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        # out_dim 0: no prototypes, the head ends in the normalised bottleneck (SimDINO)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim) if out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mlp(x)

@@ -23,10 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import DINOLoss, KoLeoLoss, SoftmaxCenter, iBOTPatchLoss
+from ..losses import DINOLoss, KoLeoLoss, SimDINOLoss, SimDINOPatchLoss, SoftmaxCenter, iBOTPatchLoss
 from ..modeling import Dinov2HFConfig, Dinov2HFModel
 from .config import SSLConfig
 from .heads import DINOHead
+
+# Collapse thresholds of the health metrics (teacher entropies relative to log K; CLS spread).
+FLAT_ENTROPY, ONE_PROTOTYPE_ENTROPY, FLAT_FEATURES_STD = 0.99, 0.05, 0.05
 
 
 def build_student_config(config: SSLConfig) -> Dinov2HFConfig:
@@ -42,10 +45,11 @@ def build_student_config(config: SSLConfig) -> Dinov2HFConfig:
     )
 
 
-def _head(embed_dim: int, settings) -> DINOHead:
-    """A DINO / iBOT head from the ``head_*`` fields of DinoSettings or IbotSettings."""
+def _head(embed_dim: int, settings, prototypes: bool = True) -> DINOHead:
+    """A DINO / iBOT head from the ``head_*`` fields of DinoSettings or IbotSettings (without the prototype
+    layer: ending in the normalised bottleneck)."""
     return DINOHead(
-        embed_dim, settings.head_n_prototypes, settings.head_hidden_dim, settings.head_bottleneck_dim,
+        embed_dim, settings.head_n_prototypes if prototypes else 0, settings.head_hidden_dim, settings.head_bottleneck_dim,
         settings.head_nlayers, settings.head_mlp_bias,
     )
 
@@ -129,6 +133,7 @@ class SSLMetaArch(StudentWithEMA):
     """Student (backbone + heads, trained) and teacher (EMA copy, frozen, eval mode)."""
 
     mask_student_inputs = True  # iBOT: masked patches enter the student as the mask token
+    head_prototypes = True  # the heads end in K prototype logits
 
     def __init__(self, config: SSLConfig, backbone: Dinov2HFModel | None = None) -> None:
         super().__init__()
@@ -136,9 +141,9 @@ class SSLMetaArch(StudentWithEMA):
         backbone = backbone if backbone is not None else Dinov2HFModel(build_student_config(config))
         embed_dim = backbone.config.hidden_size
         dino, ibot = config.dino, config.ibot
-        student = {"backbone": backbone, "dino_head": _head(embed_dim, dino)}
+        student = {"backbone": backbone, "dino_head": _head(embed_dim, dino, self.head_prototypes)}
         if ibot.separate_head:
-            student["ibot_head"] = _head(embed_dim, ibot)
+            student["ibot_head"] = _head(embed_dim, ibot, self.head_prototypes)
         self.student = nn.ModuleDict(student)
         if ibot.loss_weight == 0:  # no iBOT, no masked inputs: an unused trainable parameter stops DDP
             backbone.embeddings.mask_token.requires_grad_(False)
@@ -198,12 +203,20 @@ class SSLMetaArch(StudentWithEMA):
 
     def forward(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
         """Total loss (``loss``, for backward) and each weighted component, plus health metrics."""
+        targets = self.teacher_targets(batch, teacher_temp)
+        student = self.student_outputs(batch)
+        losses = self.losses(student, *targets, batch)
+        losses.update(self.health_metrics(student["global"], targets[0], student["global_cls"]))
+        return losses
+
+    def student_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One packed backbone pass over all crops (masked global crops, local crops), then one head pass
+        over every token the head sees: ``local`` / ``global`` CLS outputs, ``patches`` (masked patches, iBOT
+        on), ``global_cls`` (the backbone's, for KoLeo) and ``n_local`` crops per image."""
         config = self.config
         n_images = batch["global_crops"].shape[0] // 2
         n_local = batch["local_crops"].shape[0] // n_images  # crops are stacked crop-major
         do_ibot = config.ibot.loss_weight > 0
-        dino_targets, ibot_targets = self.teacher_targets(batch, teacher_temp)
-
         backbone = self.student["backbone"]
         registers = backbone.config.num_register_tokens
         crops = [batch["global_crops"]] + ([batch["local_crops"]] if n_local else [])
@@ -218,40 +231,49 @@ class SSLMetaArch(StudentWithEMA):
                 head_inputs.append(masked_patches)
         # One head pass over every token the head sees (local CLS, global CLS, masked patches).
         logits = self.student["dino_head"](torch.cat(head_inputs))
-        local_logits, global_logits = logits[: len(local_cls)], logits[len(local_cls) : len(local_cls) + len(global_cls)]
+        result = {"local": logits[: len(local_cls)], "global": logits[len(local_cls) : len(local_cls) + len(global_cls)],
+                  "global_cls": global_cls, "n_local": n_local}
         if do_ibot:
-            patch_logits = (
+            result["patches"] = (
                 self.student["ibot_head"](masked_patches)
                 if config.ibot.separate_head
                 else logits[len(local_cls) + len(global_cls) :]
             )
+        return result
 
+    def losses(self, student: dict, dino_targets: torch.Tensor, ibot_targets: torch.Tensor | None, batch: dict) -> dict:
+        """The weighted DINO, KoLeo and iBOT terms and their sum ``loss``."""
+        config, n_local = self.config, student["n_local"]
         n_terms = 2 + 2 * n_local  # cross-view pairs: 2 global-global + 2 x n_local local-global
         losses: dict[str, torch.Tensor] = {}
-        total = torch.zeros((), device=global_cls.device)
+        total = torch.zeros((), device=student["global_cls"].device)
         if config.dino.loss_weight > 0:
             if n_local:
-                losses["dino_local_crops_loss"] = self.dino_loss(local_logits.chunk(n_local), list(dino_targets)) / n_terms
-            losses["dino_global_crops_loss"] = self.dino_loss([global_logits], [dino_targets.flatten(0, 1)]) * 2 / n_terms
+                losses["dino_local_crops_loss"] = self.dino_loss(student["local"].chunk(n_local), list(dino_targets)) / n_terms
+            losses["dino_global_crops_loss"] = self.dino_loss([student["global"]], [dino_targets.flatten(0, 1)]) * 2 / n_terms
             total = total + config.dino.loss_weight * sum(v for k, v in losses.items() if k.startswith("dino"))
-        if config.dino.koleo_loss_weight > 0:
-            # per global crop: never between the two crops of one image
-            koleo = sum(self.koleo_loss(c) for c in global_cls.chunk(2))
-            losses["koleo_loss"] = config.dino.koleo_loss_weight * koleo
-            total = total + losses["koleo_loss"]
-        if do_ibot:
+        total = total + self._koleo(student, losses)
+        if ibot_targets is not None:
             ibot = self.ibot_patch_loss.forward_masked(
-                patch_logits,
+                student["patches"],
                 ibot_targets,
                 student_masks_flat=batch["masks"],
                 n_masked_patches=len(batch["mask_indices"]),
                 masks_weight=batch["masks_weight"],
             )
-            losses["ibot_loss"] = config.ibot.loss_weight * ibot
+            losses["ibot_loss"] = self.config.ibot.loss_weight * ibot
             total = total + losses["ibot_loss"]
         losses["loss"] = total
-        losses.update(self.health_metrics(global_logits, dino_targets, global_cls))
         return losses
+
+    def _koleo(self, student: dict, losses: dict) -> torch.Tensor | float:
+        """The weighted KoLeo term on the backbone's global CLS (recorded in ``losses``), or 0."""
+        weight = self.config.dino.koleo_loss_weight
+        if weight <= 0:
+            return 0.0
+        # per global crop: never between the two crops of one image
+        losses["koleo_loss"] = weight * sum(self.koleo_loss(c) for c in student["global_cls"].chunk(2))
+        return losses["koleo_loss"]
 
     @torch.no_grad()
     def health_metrics(self, global_logits: torch.Tensor, dino_targets: torch.Tensor, global_cls: torch.Tensor) -> dict:
@@ -278,7 +300,7 @@ class SSLMetaArch(StudentWithEMA):
         kl = (teacher * (teacher_log - student_log)).sum(-1).mean()
         features = F.normalize(global_cls.float(), dim=-1)
         cls_std = features.std(dim=0).mean() * math.sqrt(features.shape[-1]) if len(features) > 1 else features.new_ones(())
-        collapse = (teacher_entropy > 0.99) | (batch_entropy < 0.05) | (cls_std < 0.05)
+        collapse = (teacher_entropy > FLAT_ENTROPY) | (batch_entropy < ONE_PROTOTYPE_ENTROPY) | (cls_std < FLAT_FEATURES_STD)
         return {
             "teacher_entropy": teacher_entropy,
             "student_entropy": student_entropy,
@@ -287,3 +309,80 @@ class SSLMetaArch(StudentWithEMA):
             "cls_std": cls_std,
             "collapse": collapse.float(),
         }
+
+
+class SimDINOMetaArch(SSLMetaArch):
+    """``objective=simdino``: the same student, teacher, crops and masks; heads without prototypes; the
+    student's normalised head outputs align with the teacher's, and a coding-rate term spreads them
+    (:mod:`dinov2_hf.losses.simdino_loss`). No centering, no teacher temperature."""
+
+    head_prototypes = False
+
+    def __init__(self, config: SSLConfig, backbone: Dinov2HFModel | None = None) -> None:
+        super().__init__(config, backbone)
+        self.dino_loss = SimDINOLoss(config.simdino.coding_rate_eps, config.simdino.expansion_weight)
+        self.ibot_patch_loss = SimDINOPatchLoss()
+
+    @torch.no_grad()
+    def teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's normalised head outputs: CLS (2, B, D), crops swapped as for DINO, and the masked patches'."""
+        cls_features, patch_features = self.teacher_logits(batch)
+        return cls_features.float().view(2, -1, cls_features.shape[-1]), None if patch_features is None else patch_features.float()
+
+    def losses(self, student: dict, teacher_cls: torch.Tensor, teacher_patches: torch.Tensor | None, batch: dict) -> dict:
+        config, n_local = self.config, student["n_local"]
+        losses: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=student["global_cls"].device)
+        if config.dino.loss_weight > 0:
+            n_terms = 2 + 2 * n_local  # the cross-view pairs of DINO
+            alignment = self.dino_loss.alignment([student["global"]], [teacher_cls.flatten(0, 1)]) * 2
+            if n_local:
+                alignment = alignment + self.dino_loss.alignment(student["local"].chunk(n_local), list(teacher_cls))
+            # each global view with its own teacher view (the targets are swapped: view i's teacher is 1 - i)
+            views = [(s + t) / 2 for s, t in zip(student["global"].chunk(2), teacher_cls.flip(0))]
+            losses["dino_alignment_loss"] = config.dino.loss_weight * alignment / n_terms
+            losses["dino_expansion_loss"] = -config.dino.loss_weight * self.dino_loss.expansion_weight * self.dino_loss.expansion(views)
+            total = total + losses["dino_alignment_loss"] + losses["dino_expansion_loss"]
+        total = total + self._koleo(student, losses)
+        if teacher_patches is not None:
+            losses["ibot_loss"] = config.ibot.loss_weight * self.ibot_patch_loss.forward_masked(
+                student["patches"], teacher_patches, batch["masks"], batch["masks_weight"]
+            )
+            total = total + losses["ibot_loss"]
+        losses["loss"] = total
+        return losses
+
+    @torch.no_grad()
+    def health_metrics(self, global_features: torch.Tensor, teacher_cls: torch.Tensor, global_cls: torch.Tensor) -> dict:
+        """``cls_std`` as for DINO, and the mean cosine between student and teacher views (``alignment``);
+        ``collapse`` when the CLS features no longer differ between images."""
+        features = F.normalize(global_cls.float(), dim=-1)
+        cls_std = features.std(dim=0).mean() * math.sqrt(features.shape[-1]) if len(features) > 1 else features.new_ones(())
+        alignment = (global_features.float() * teacher_cls.flatten(0, 1)).sum(-1).mean()
+        return {"cls_std": cls_std, "alignment": alignment, "collapse": (cls_std < FLAT_FEATURES_STD).float()}
+
+
+def build_meta_arch(config: SSLConfig) -> SSLMetaArch:
+    """The self-distillation module of ``config.objective``."""
+    return SimDINOMetaArch(config) if config.objective == "simdino" else SSLMetaArch(config)
+
+
+def collapse_advice(record: dict) -> str:
+    """What a step's health metrics (:meth:`SSLMetaArch.health_metrics`) say, and the recipe keys to change."""
+    shown = ", ".join(f"{name} {record[name]:.3f}" for name in ("teacher_entropy", "teacher_batch_entropy", "cls_std") if name in record)
+    advice = []
+    if record.get("teacher_entropy", 0.0) > FLAT_ENTROPY:
+        advice.append(
+            "flat collapse (every image gets the same near-uniform target): sharpen and balance the targets with "
+            "centering=sinkhorn_knopp and a lower teacher temperature (schedule.teacher_temp=0.02 "
+            "schedule.warmup_teacher_temp=0.02), start from image-dependent features (model.layerscale_value=0.1), "
+            "or let the teacher keep up (schedule.momentum_teacher=0.98)"
+        )
+    if record.get("teacher_batch_entropy", 1.0) < ONE_PROTOTYPE_ENTROPY:
+        advice.append(
+            "one-prototype collapse (every image goes to the same prototypes): centering=sinkhorn_knopp, a higher "
+            "teacher temperature (schedule.teacher_temp), or a lower center_momentum"
+        )
+    if record.get("cls_std", 1.0) < FLAT_FEATURES_STD:
+        advice.append("the CLS features are identical across images: raise dino.koleo_loss_weight or lower schedule.base_lr")
+    return f"collapse indicators {shown}: " + "; ".join(advice) + ". train.stop_on_collapse=N stops a run after N such steps."

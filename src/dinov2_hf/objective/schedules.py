@@ -26,6 +26,7 @@ class CosineScheduler:
             raise ValueError(f"warmup ({warmup_iters}) + freeze ({freeze_iters}) iterations exceed the total ({total_iters}).")
         self.final_value = final_value
         self.total_iters = total_iters
+        self.warmup_iters = freeze_iters + warmup_iters
         freeze = np.zeros(freeze_iters)
         warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
         iters = np.arange(total_iters - warmup_iters - freeze_iters)
@@ -84,21 +85,35 @@ class Schedules:
         }
 
 
-def build_schedules(config: ScheduleConfig, global_batch_size: int) -> Schedules:
+def build_schedules(config: ScheduleConfig, global_batch_size: int, total_iters: int | None = None) -> Schedules:
     """The official schedules: lr (sqrt scaling, warmup, cosine), weight decay and teacher momentum
     (cosine), teacher temperature (linear warmup, then constant), last-layer lr (lr, zero while the
-    prototypes are frozen)."""
-    total = config.epochs * config.epoch_length
-    warmup_temp_iters = config.warmup_teacher_temp_epochs * config.epoch_length
+    prototypes are frozen).
+
+    ``total_iters`` fits the whole schedule to a run of that many iterations (``train.max_steps``):
+    every length given in epochs (warmups, teacher-temperature warmup, prototype freeze, cosine) is
+    scaled by ``total_iters / (epochs * epoch_length)``, so a short run is a complete one. ``None``
+    (or the schedule's own length) gives the official schedule unchanged.
+    """
+    nominal = config.epochs * config.epoch_length
+    total = nominal if total_iters is None else total_iters
+    if total < 1:
+        raise ValueError(f"a schedule needs at least 1 iteration, got {total}.")
+
+    def iters(epochs: float) -> int:
+        """Iterations of ``epochs`` epochs in this run (rounded; exact when the run has its nominal length)."""
+        return epochs * config.epoch_length if total == nominal else round(epochs * config.epoch_length * total / nominal)
+
+    warmup_temp_iters = iters(config.warmup_teacher_temp_epochs)
     lr = dict(
         base_value=scaled_lr(config, global_batch_size),
         final_value=config.min_lr,
         total_iters=total,
-        warmup_iters=config.warmup_epochs * config.epoch_length,
+        warmup_iters=iters(config.warmup_epochs),
         start_warmup_value=0.0,
     )
     last_layer_lr = CosineScheduler(**lr)
-    last_layer_lr.schedule[: config.freeze_last_layer_epochs * config.epoch_length] = 0.0
+    last_layer_lr.schedule[: iters(config.freeze_last_layer_epochs)] = 0.0
     return Schedules(
         lr=CosineScheduler(**lr),
         weight_decay=CosineScheduler(config.weight_decay, config.weight_decay_end, total),

@@ -16,6 +16,7 @@ from ..modeling.loading import load_backbone
 from ..objective import SSLMetaArch
 from ..objective.config import SSLConfig
 from ..objective.distill import DistillMetaArch, FeatureDistillMetaArch
+from ..objective.meta_arch import build_meta_arch
 from . import run_dir
 from .config import TrainConfig
 from .parallel import fsdp_requested
@@ -67,7 +68,9 @@ def build_arch(config: TrainConfig) -> nn.Module:
     """The module the trainer optimises: self-distillation, or distillation from ``distill.teacher``."""
     distill = config.distill
     if not distill.teacher:
-        return SSLMetaArch(config)
+        return build_meta_arch(config)
+    if config.objective != "dino":
+        raise ValueError(f"objective={config.objective}: distillation trains with objective=dino.")
     mode = distill.mode
     if mode == "auto":
         mode = "heads" if run_dir.has_recipe(distill.teacher) else "features"

@@ -16,12 +16,19 @@ class TrainerSettings(TrainSettings):
     """Loop settings (``train:`` section of a recipe)."""
 
     output_dir: str = "outputs/dinov2"
-    max_steps: int | None = None  # default: schedule.epochs * schedule.epoch_length
+    # The run's length. Default: the schedule's own (schedule.epochs * schedule.epoch_length, plus the
+    # adaptation phase). Another value fits every schedule to it (warm-ups, cosines, teacher temperature,
+    # prototype freeze, phase lengths), so a short run is a complete run, not the start of a long one.
+    max_steps: int | None = None
+    # Stop this session after this step, schedules unchanged (a checkpoint is written, no export): an
+    # interruption on purpose, e.g. to split a run into sessions. Rerunning resumes.
+    stop_at_step: int | None = None
     num_workers: int = 2
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     compile: bool = False  # torch.compile each transformer block (worth it on GPUs; slow to start on CPU)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (and per EMA update)
     activation_checkpointing: bool = False  # recompute the student's blocks in backward: less memory
+    stop_on_collapse: int = 0  # stop (checkpoint, non-zero exit) after this many consecutive collapsed steps; 0: never
     save_every: int = 1000
     keep_last: int = 3
     log_every: int = 10
@@ -34,11 +41,13 @@ class MonitorSettings:
     """kNN accuracy of the teacher on a labelled source every ``every`` steps (0: off).
 
     The first ``train_images`` images of ``source`` are the kNN memory, the next ``test_images``
-    the queries; images are resized to the global crop size.
+    the queries, or the first ``test_images`` of ``test_source`` when it is set (e.g. a test split);
+    images are resized to the global crop size.
     """
 
     every: int = 0
     source: str = ""
+    test_source: str = ""
     image_column: str = "image"
     label_column: str = "label"
     train_images: int = 5000
@@ -129,12 +138,31 @@ class TrainConfig(SSLConfig):
     hub: HubSettings = field(default_factory=HubSettings)
 
     @property
-    def main_steps(self) -> int:
-        return self.schedule.epochs * self.schedule.epoch_length
+    def nominal_steps(self) -> int:
+        """The recipe's own length: the main schedule plus the adaptation phase."""
+        return self.schedule.epochs * self.schedule.epoch_length + self.adaptation.steps
 
     @property
     def total_steps(self) -> int:
-        return self.train.max_steps or self.main_steps + self.adaptation.steps
+        """The run's length: ``train.max_steps``, else the recipe's own."""
+        return self.train.max_steps or self.nominal_steps
+
+    @property
+    def main_steps(self) -> int:
+        """Steps of the main phase in this run (the adaptation phase, if any, takes the rest)."""
+        main = self.schedule.epochs * self.schedule.epoch_length
+        if not self.adaptation.steps or self.total_steps == self.nominal_steps:
+            return min(main, self.total_steps)
+        return min(max(round(main * self.total_steps / self.nominal_steps), 1), self.total_steps - 1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.train.stop_on_collapse < 0:
+            raise ValueError(f"train.stop_on_collapse={self.train.stop_on_collapse} must be 0 (never) or a number of steps.")
+        for key in ("max_steps", "stop_at_step"):
+            value = getattr(self.train, key)
+            if value is not None and value < 1:
+                raise ValueError(f"train.{key}={value} must be at least 1 (leave it unset for the recipe's own length).")
 
 
 def load_train_config(recipe: str | Path, overrides: list[str] | None = None) -> TrainConfig:

@@ -40,6 +40,7 @@ from ..eval import knn_classify
 from ..modeling import Dinov2HFModel
 from ..modeling.convert import export_transformers, save_ours
 from ..objective import CropsSettings, build_schedules, param_groups
+from ..objective.meta_arch import collapse_advice
 from ..objective.schedules import Schedules
 from ..objective.step import augment_batch, training_step
 from . import run_dir
@@ -137,9 +138,11 @@ class Trainer:
             # Wrapped by DDP or Accelerate's FSDP2; accelerator.unwrap_model gives the SSLMetaArch back.
             self.model, self.optimizer = self.accelerator.prepare(arch, optimizer)
         self.phases = self._build_phases(arch.student["backbone"].config.patch_size)
-        self.photometric = BatchedPhotometric(blur=config.crops.blur)
+        self.photometric = BatchedPhotometric.for_crops(config.crops.global_crops_size, config.crops.blur, config.crops.blur_reference_size)
         self.step, self.epoch, self.batches_in_epoch, self.skipped_images = 0, 0, 0, 0
         self.stop_signal: int | None = None
+        self.stopped_on_collapse = False  # train.stop_on_collapse ended the run
+        self._collapsed_steps = 0  # consecutive collapsed steps after warm-up
         self.initial_knn: float | None = None  # kNN monitor at step 0 and of the exported teacher
         self.final_knn: float | None = None
         self._last_collapse_warning = -(10**9)
@@ -151,16 +154,17 @@ class Trainer:
         config = self.config
         global_batch = config.train.batch_size_per_device * self.accelerator.num_processes * config.train.gradient_accumulation_steps
 
-        def phase(name: str, crops, schedule, start: int) -> Phase:
+        def phase(name: str, crops, schedule, start: int, steps: int) -> Phase:
             collator = MultiCropCollator(crops.global_crops_size, patch_size, config.ibot.mask_ratio_min_max, config.ibot.mask_sample_probability)
-            return Phase(name, crops, build_schedules(schedule, global_batch), collator, start)
+            return Phase(name, crops, build_schedules(schedule, global_batch, total_iters=steps), collator, start)
 
-        phases = [phase("main", config.crops, config.schedule, 0)]
-        if config.adaptation.steps:
+        main_steps = config.main_steps  # each phase's schedules fitted to its length in this run (train.max_steps)
+        phases = [phase("main", config.crops, config.schedule, 0, main_steps)]
+        if config.adaptation.steps and config.total_steps > main_steps:
             crops = dataclasses.replace(
                 config.crops, global_crops_size=config.adaptation.global_crops_size, local_crops_size=config.adaptation.local_crops_size
             )
-            phases.append(phase("adaptation", crops, config.adaptation.schedule, config.main_steps))
+            phases.append(phase("adaptation", crops, config.adaptation.schedule, main_steps, config.total_steps - main_steps))
         return phases
 
     @property
@@ -233,30 +237,40 @@ class Trainer:
     # -- monitoring -----------------------------------------------------------------------------------
 
     def _monitor_images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The monitor's labelled images as one normalised tensor (read once, kept on the CPU)."""
+        """The monitor's labelled images, memory then queries, as one normalised tensor (read once, kept on the CPU)."""
         if getattr(self, "_monitor_cache", None) is None:
             settings = self.config.monitor
-            wanted = settings.train_images + settings.test_images
-            stream = load_image_stream(
-                DataSettings(source=settings.source, image_column=settings.image_column, label_column=settings.label_column, shuffle_buffer=0)
-            )
-            size = self.config.crops.global_crops_size
-            pixels, labels = [], []
-            for example in stream:
-                try:
-                    image = open_rgb(image_source(example[settings.image_column]))
-                except ImageDecodeError:
-                    continue
-                resized = image.resize((size, size), Image.Resampling.BICUBIC)
-                pixels.append(torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1))
-                labels.append(int(example[settings.label_column]))
-                if len(pixels) == wanted:
-                    break
+            if settings.test_source:  # memory from `source`, queries from `test_source`
+                pixels, labels = self._labelled_pixels(settings.source, settings.train_images)
+                test_pixels, test_labels = self._labelled_pixels(settings.test_source, settings.test_images)
+                pixels, labels = pixels + test_pixels, labels + test_labels
+            else:
+                pixels, labels = self._labelled_pixels(settings.source, settings.train_images + settings.test_images)
             if len(pixels) < 2:
                 raise ValueError(f"monitor.source={settings.source!r} gave {len(pixels)} labelled images; need at least 2.")
             normalized = self.photometric.normalize(torch.stack(pixels).float().div_(255))
             self._monitor_cache = (normalized, torch.tensor(labels))
         return self._monitor_cache
+
+    def _labelled_pixels(self, source: str, wanted: int) -> tuple[list[torch.Tensor], list[int]]:
+        """The first ``wanted`` decodable images of ``source`` resized to the global crop size, with labels."""
+        settings = self.config.monitor
+        stream = load_image_stream(
+            DataSettings(source=source, image_column=settings.image_column, label_column=settings.label_column, shuffle_buffer=0)
+        )
+        size = self.config.crops.global_crops_size
+        pixels, labels = [], []
+        for example in stream:
+            if len(pixels) == wanted:
+                break
+            try:
+                image = open_rgb(image_source(example[settings.image_column]))
+            except ImageDecodeError:
+                continue
+            resized = image.resize((size, size), Image.Resampling.BICUBIC)
+            pixels.append(torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1))
+            labels.append(int(example[settings.label_column]))
+        return pixels, labels
 
     def _monitoring(self) -> bool:
         """Whether this process runs the kNN monitor: sharded models need every rank in the feature
@@ -274,7 +288,7 @@ class Trainer:
                 with self.accelerator.autocast():
                     features.append(backbone(chunk.to(self.accelerator.device)).pooler_output.float().cpu())
         features = torch.cat(features)
-        n_train = min(self.config.monitor.train_images, len(features) - 1)
+        n_train = min(self.config.monitor.train_images, len(features) - 1)  # (memory first, then queries)
         return knn_classify(features[:n_train], labels[:n_train], features[n_train:], labels[n_train:], ks=(self.config.monitor.k,))[self.config.monitor.k]
 
     # -- checkpoints ----------------------------------------------------------------------------------
@@ -328,6 +342,11 @@ class Trainer:
 
     # -- loop -----------------------------------------------------------------------------------------
 
+    @property
+    def stopping(self) -> bool:
+        """A signal or ``train.stop_on_collapse`` asked the run to stop after the current step."""
+        return self.stop_signal is not None or self.stopped_on_collapse
+
     def _handle_signals(self) -> dict:
         """SIGTERM / SIGINT finish the current step, write a checkpoint and stop (resume continues).
 
@@ -347,18 +366,24 @@ class Trainer:
         if self.step % self.config.train.log_every == 0 or self.step == self.config.total_steps:
             metrics = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
             self.accelerator.log({**metrics, "images_per_second": images_per_second}, step=self.step)
-        warmup = self.config.schedule.warmup_epochs * self.config.schedule.epoch_length
-        if record.get("collapse") and self.step > warmup and self.step - self._last_collapse_warning >= 100:
-            self._last_collapse_warning = self.step  # at most one warning per 100 steps
-            indicators = ("teacher_entropy", "teacher_batch_entropy", "cls_std")
-            logger.warning(
-                "Collapse indicators at step %d: %s (teacher entropies relative to their maximum). "
-                "See README (health metrics) for what to change.",
-                self.step, ", ".join(f"{name} {record[name]:.3f}" for name in indicators if name in record),
-            )
         if progress is not None:
             progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{images_per_second:.0f}", skipped=self.skipped_images)
             progress.update(1)
+
+    def _watch_collapse(self, record: dict, phase: Phase) -> None:
+        """Warn (at most once per 100 steps) about collapsed steps after the lr warm-up of ``phase``, naming the
+        recipe keys to change; stop the run after ``train.stop_on_collapse`` consecutive ones."""
+        step = record["step"]
+        after_warmup = step - phase.start >= phase.schedules.lr.warmup_iters
+        self._collapsed_steps = self._collapsed_steps + 1 if record.get("collapse") and after_warmup else 0
+        if not self._collapsed_steps:
+            return
+        limit = self.config.train.stop_on_collapse
+        if step - self._last_collapse_warning >= 100 or self._collapsed_steps == limit:
+            self._last_collapse_warning = step
+            logger.warning("Step %d: %s", step, collapse_advice(record))
+        if limit and self._collapsed_steps >= limit:
+            self.stopped_on_collapse = True
 
     def train(self) -> list[dict]:
         """Train to ``total_steps`` (or until SIGTERM/SIGINT); returns the step records.
@@ -387,7 +412,8 @@ class Trainer:
         if self.step == 0 and self.config.monitor.every and self._monitoring():
             self.initial_knn = self.knn_monitor()  # the baseline: the network at initialisation
         progress = tqdm(total=total, initial=self.step, desc="dinov2", unit="step", disable=not self.accelerator.is_main_process)
-        while self.step < total and self.stop_signal is None:
+        end = min(total, self.config.train.stop_at_step or total)
+        while self.step < end and not self.stopping:
             produced, phase, micro_batches = 0, self.phase, []
             for index, batch in enumerate(self.batches(self.epoch)):
                 if index < self.batches_in_epoch:
@@ -423,9 +449,10 @@ class Trainer:
                     self.epoch, self.batches_in_epoch = self.epoch + 1, 0
                 produced += 1
                 self._log(record, progress, images_per_step / max(time.perf_counter() - started, 1e-9))
-                if self.step % self.config.train.save_every == 0 or self.stop_signal is not None:
+                self._watch_collapse(record, phase)
+                if self.step % self.config.train.save_every == 0 or self.stopping or self.step == end:
                     self.save_checkpoint()
-                if self.step >= total or self.stop_signal is not None or new_phase:
+                if self.step >= end or self.stopping or new_phase:
                     break
             else:  # the pass ended
                 if produced == 0 and self.batches_in_epoch == 0:
@@ -437,9 +464,12 @@ class Trainer:
         if self.stop_signal is not None:
             path = self.run.latest()
             logger.warning("Stopped by signal %d at step %d; checkpoint %s. Run the same command to resume.", self.stop_signal, self.step, path)
+        elif self.stopped_on_collapse:
+            logger.error("Stopped at step %d after %d consecutive collapsed steps (train.stop_on_collapse); checkpoint %s.",
+                         self.step, self._collapsed_steps, self.run.latest())
+        elif self.step < total:
+            logger.info("Stopped at train.stop_at_step=%d of %d steps; rerun without it to resume.", self.step, total)
         else:
-            if self.step % self.config.train.save_every:  # the loop saved this step already otherwise
-                self.save_checkpoint()
             if self.config.monitor.every and self._monitoring():
                 self.final_knn = self.knn_monitor()  # of the teacher, i.e. the exported backbone
             export_dir = self.export()
