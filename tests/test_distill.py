@@ -97,7 +97,7 @@ def test_distill_from_a_training_checkpoint_exports_the_student_ema(cifar_dir, t
         assert type(distilled).__name__ == ("DistillMetaArch" if teacher_source == checkpoint else "FeatureDistillMetaArch")
         for name, value in distilled.student["backbone"].state_dict().items():
             assert torch.equal(value, scratch[name]), name
-    history = trainer.train()
+    history = trainer.train().history
     assert len(history) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
     from transformers import AutoModel
 
@@ -182,7 +182,7 @@ def test_feature_distillation_from_a_stock_transformers_folder(cifar_dir, tmp_pa
                "distill.loss=smooth_l1"]
     trainer = Trainer(tiny_train_config(data, tmp_path / "student", student, max_steps=3))
     assert isinstance(trainer.accelerator.unwrap_model(trainer.model), FeatureDistillMetaArch)
-    history = trainer.train()
+    history = trainer.train().history
     assert len(history) == 3 and all("distill_patch_loss" in r for r in history)
     assert AutoModel.from_pretrained(tmp_path / "student" / "export" / "transformers").config.hidden_size == 32
     with pytest.raises(ValueError, match="headless distillation checkpoint"):

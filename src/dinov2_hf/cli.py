@@ -131,29 +131,29 @@ def run_train(args: argparse.Namespace) -> None:
     if trainer.accelerator.is_main_process:
         print(f"dinov2_hf train: {trainer.describe()}; {config.total_steps} steps -> {trainer.output_dir}", flush=True)
     try:
-        history = trainer.train()
+        result = trainer.train()
     finally:
         _let_arrow_threads_finish()
-    if trainer.stop_signal is not None:
-        print(f"stopped by signal {trainer.stop_signal} at step {trainer.step}; checkpoint saved, rerun to resume")
-        raise SystemExit(128 + trainer.stop_signal)
-    if trainer.stopped_on_collapse:
-        print(f"stopped at step {trainer.step}: the objective collapsed for train.stop_on_collapse="
+    if result.stop_signal is not None:
+        print(f"stopped by signal {result.stop_signal} at step {result.steps}; checkpoint saved, rerun to resume")
+        raise SystemExit(128 + result.stop_signal)
+    if result.stopped_on_collapse:
+        print(f"stopped at step {result.steps}: the objective collapsed for train.stop_on_collapse="
               f"{config.train.stop_on_collapse} steps (see the warning above for the keys to change); checkpoint saved")
         raise SystemExit(3)
-    if trainer.step < config.total_steps:
-        print(f"stopped at train.stop_at_step={trainer.step} of {config.total_steps} steps; checkpoint saved, "
+    if result.steps < result.total_steps:
+        print(f"stopped at train.stop_at_step={result.steps} of {result.total_steps} steps; checkpoint saved, "
               "rerun without train.stop_at_step to resume")
         return
-    if trainer.accelerator.is_main_process and history:
-        last = history[-1]
+    if trainer.accelerator.is_main_process and result.last is not None:
+        last = result.last
         print(
             f"step {last['step'] + 1}: loss {last['loss']:.4f}, skipped images {last['skipped_images']}; "
-            f"exported to {trainer.output_dir / 'export'}"
+            f"exported to {result.export_dir}"
         )
-        if trainer.final_knn is not None:
-            baseline = f"{trainer.initial_knn:.1%} at initialisation -> " if trainer.initial_knn is not None else ""
-            print(f"kNN top-1 (k={config.monitor.k}) on {config.monitor.source}: {baseline}{trainer.final_knn:.1%} exported")
+        if result.final_knn is not None:
+            baseline = f"{result.initial_knn:.1%} at initialisation -> " if result.initial_knn is not None else ""
+            print(f"kNN top-1 (k={config.monitor.k}) on {config.monitor.source}: {baseline}{result.final_knn:.1%} exported")
         if pusher is not None and pusher.result is not None:
             print(f"pushed to {pusher.result.repo_url}: {pusher.result.pr_url or pusher.result.commit_url}")
         elif pusher is not None and pusher.error is not None:

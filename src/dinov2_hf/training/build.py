@@ -1,4 +1,4 @@
-"""Build the module a run optimises: the DINOv2 objective, or distillation with its frozen teacher.
+"""Build what a run optimises: the DINOv2 objective, or distillation with its frozen teacher; its optimizer.
 
 Distillation teachers are read here, through :mod:`training.run_dir` (one of our checkpoints, or a
 published ``dinov2_hf/`` folder with its heads), or loaded as any backbone for the headless mode.
@@ -13,13 +13,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..modeling.loading import load_backbone
-from ..objective import SSLMetaArch
-from ..objective.config import SSLConfig
+from ..objective import SSLMetaArch, param_groups
+from ..objective.config import OptimSettings, SSLConfig
 from ..objective.distill import DistillMetaArch, FeatureDistillMetaArch
 from ..objective.meta_arch import build_meta_arch
 from . import run_dir
 from .config import TrainConfig
-from .parallel import fsdp_requested
+from .parallelize import fsdp_requested
 
 
 def load_teacher(folder: str | Path) -> tuple[nn.ModuleDict, SSLConfig]:
@@ -87,3 +87,9 @@ def build_arch(config: TrainConfig) -> nn.Module:
     return FeatureDistillMetaArch(
         config, teacher_backbone, distill.loss, distill.patch_weight, distill.standardize_targets, dtype
     )
+
+
+def build_optimizer(arch: nn.Module, settings: OptimSettings) -> torch.optim.AdamW:
+    """AdamW over the student's parameter groups (layer-wise lr decay, patch-embedding lr, no decay on norms)."""
+    groups = param_groups(arch.student, settings.layerwise_decay, settings.patch_embed_lr_mult)
+    return torch.optim.AdamW(groups, betas=(settings.adamw_beta1, settings.adamw_beta2))

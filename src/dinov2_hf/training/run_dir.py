@@ -9,6 +9,7 @@
         train_config.yaml                the recipe: a checkpoint is also a distillation teacher
         model.safetensors ...            Accelerate's ``save_state`` (unsharded runs), or
         sharded/ + torch_rng_<rank>.pt   FSDP2: ``torch.distributed.checkpoint`` shards and each rank's RNG
+        data_position_<rank>.json        where each rank's pass over the data stands (``data.position``)
       export/dinov2_hf/                  the exported backbone in our format
       export/transformers/               ... and in stock transformers format
 
@@ -53,6 +54,11 @@ def checkpoint_name(step: int) -> str:
 def rng_file(rank: int) -> str:
     """The torch RNG state of ``rank`` in a sharded checkpoint (Accelerate saves it for unsharded ones)."""
     return f"torch_rng_{rank}.pt"
+
+
+def data_position_file(rank: int) -> str:
+    """Where ``rank`` stands in its pass over the data (rows per DataLoader worker)."""
+    return f"data_position_{rank}.json"
 
 
 def checkpoint_step(path: str | Path) -> int:
@@ -174,6 +180,16 @@ def read_trainer_state(checkpoint: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def write_data_position(folder: Path, rank: int, position: dict) -> None:
+    (folder / data_position_file(rank)).write_text(json.dumps(position))
+
+
+def read_data_position(checkpoint: str | Path, rank: int) -> dict | None:
+    """``rank``'s data position in a checkpoint; None for checkpoints written before positions were saved."""
+    path = Path(checkpoint) / data_position_file(rank)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def write_recipe(folder: Path, config: TrainConfig) -> None:
     (folder / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
@@ -213,7 +229,7 @@ def read_ema(checkpoint: str | Path, config: TrainConfig | None = None) -> EMAWe
 
     from ..modeling import Dinov2HFModel
     from ..objective.meta_arch import build_student_config
-    from .parallel import read_sharded
+    from .parallelize import read_sharded
 
     checkpoint = Path(checkpoint)
     config = config if config is not None else read_recipe(checkpoint)

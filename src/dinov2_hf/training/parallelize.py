@@ -1,4 +1,5 @@
-"""FSDP2 for the meta-architecture, the same on GPUs and CPUs; sharded checkpoints; full-state export.
+"""Parallelism for the meta-architecture: activation checkpointing, compiled blocks, FSDP2 (the same on GPUs
+and CPUs) or DDP, in one place (:func:`parallelize`); sharded checkpoints; full-state export.
 
 On GPUs, ``accelerate launch --config_file examples/accelerate/fsdp2.yaml`` makes Accelerate's FSDP2
 plugin shard the model in ``prepare``: ``fully_shard`` on every transformer block, then on the root
@@ -15,11 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
+
+from .config import TrainerSettings
 
 
 def fsdp_requested() -> bool:
@@ -71,6 +76,24 @@ def full_root_params(model: nn.Module) -> Iterator[None]:
         model.reshard()
 
 
+@contextlib.contextmanager
+def no_gradient_sync(model: nn.Module) -> Iterator[None]:
+    """Keep this micro-batch's gradients local (accumulated, not reduced): DDP's ``no_sync``, FSDP2's
+    ``set_requires_gradient_sync(False)``; nothing to do for one process. The step's last micro-batch runs
+    outside it and reduces the accumulated gradients once."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
 def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Model and optimizer shards of every rank into the DCP folder ``folder`` (collective)."""
     import torch.distributed.checkpoint as dcp
@@ -117,3 +140,45 @@ def read_sharded(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
         warnings.simplefilter("ignore")  # "no process group": reading in one process is what we want
         dcp.load(state, checkpoint_id=str(folder))
     return state["model"]
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+def distributed_on_cpu() -> bool:
+    """Whether ``accelerate launch`` started several processes on a machine without an accelerator.
+
+    Accelerate would make each a lone process (its CPU launch flags give one process), so they become gloo
+    ranks (``Accelerator(cpu=True)``); its FSDP plugin is accelerator-only, so :func:`parallelize` shards such
+    ranks itself with the same ``fully_shard`` calls.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator()
+
+
+def parallelize(
+    arch: nn.Module,
+    accelerator: Accelerator,
+    settings: TrainerSettings,
+    build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+) -> tuple[nn.Module, torch.optim.Optimizer, bool]:
+    """Activation checkpointing -> compiled blocks -> FSDP2 or DDP, in that order, on the meta-architecture.
+
+    ``build_optimizer`` is called on the (possibly sharded) module, so that the optimizer holds the parameters
+    it will update. Returns the model to call, the optimizer and whether the model is sharded.
+    """
+    if settings.activation_checkpointing:
+        backbone = arch.student["backbone"]  # transformers >= 5.24 renamed gradient -> activation checkpointing
+        (getattr(backbone, "activation_checkpointing_enable", None) or backbone.gradient_checkpointing_enable)()
+    if settings.compile:
+        arch.compile_blocks()
+    shard_here = fsdp_requested() and distributed_on_cpu() and accelerator.num_processes > 1
+    if shard_here:  # else Accelerate's plugin shards in prepare (on accelerators)
+        shard_meta_arch(arch)  # before the optimizer: it must hold the sharded parameters
+    optimizer = build_optimizer(arch)
+    if shard_here:
+        return arch, accelerator.prepare(optimizer), True  # no DDP wrapper over shards
+    # Wrapped by DDP or Accelerate's FSDP2; accelerator.unwrap_model gives the meta-architecture back.
+    model, optimizer = accelerator.prepare(arch, optimizer)
+    return model, optimizer, accelerator.distributed_type == DistributedType.FSDP
