@@ -48,7 +48,7 @@ RECIPES = {
         "memory": ("sklearn:digits", 1000), "queries": ("sklearn:digits", 797), "queries_after_memory": True,
     },
     "cifar10_cpu": {
-        "overrides": [f"data.source={CIFAR / 'train-00000-of-00005.parquet'}",
+        "overrides": [f"data.source={CIFAR / 'train-*.parquet'}",
                       f"monitor.source={CIFAR / 'train-00000-of-00005.parquet'}",
                       f"monitor.test_source={CIFAR / 'test-00000-of-00001.parquet'}",
                       "monitor.train_images=5000", "monitor.test_images=1000"],
@@ -84,13 +84,13 @@ def official_overrides(levers: list[str]) -> list[str]:
     )
 
 
-def raw_pixel_knn(recipe: str, size: int) -> float:
-    """kNN on the raw pixels (resized to the global crop size, normalised per image)."""
+def raw_pixel_knn(recipe: str, size: int) -> dict[str, float]:
+    """kNN on the raw pixels (resized to the global crop size): as they are, and with each image's mean subtracted."""
     from dinov2_hf.eval import knn_classify
 
-    memory, queries = protocol_pixels(recipe, size)
-    flat = lambda x: (x[0].flatten(1) - x[0].flatten(1).mean(1, keepdim=True))  # noqa: E731
-    return knn_classify(flat(memory), memory[1], flat(queries), queries[1], ks=(20,))[20]
+    (memory, memory_labels), (queries, query_labels) = protocol_pixels(recipe, size)
+    flat = {"plain": lambda x: x.flatten(1), "centered": lambda x: x.flatten(1) - x.flatten(1).mean(1, keepdim=True)}
+    return {name: knn_classify(f(memory), memory_labels, f(queries), query_labels, ks=(20,))[20] for name, f in flat.items()}
 
 
 def protocol_pixels(recipe: str, size: int):

@@ -211,3 +211,48 @@ def test_gpu_ssl_check_workers_draw_different_crops_and_masks():
     first, second = list(loader)  # one batch from each worker
     assert not torch.equal(first["global_crops"], second["global_crops"])
     assert not torch.equal(first["masks"], second["masks"])
+
+
+def test_sinkhorn_knopp_at_low_temperature():
+    """At T = 0.005 exp(logit / T) overflows float32 (the official computation gives NaN); shifting by the maximum
+    gives the same targets as the exact computation in float64. At the official temperatures nothing changes."""
+    from dinov2_hf.losses import sinkhorn_knopp
+
+    logits = torch.nn.functional.normalize(torch.randn(16, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
+    exact = torch.exp(logits.double() / 0.005).t()
+    exact /= exact.sum()
+    for _ in range(3):
+        exact /= exact.sum(dim=1, keepdim=True) * 32
+        exact /= exact.sum(dim=0, keepdim=True) * 16
+    targets = sinkhorn_knopp(logits, 0.005)
+    assert torch.isfinite(targets).all()
+    assert torch.allclose(targets.double(), (exact * 16).t(), atol=1e-5)
+    official = torch.exp(logits / 0.04).t()
+    official /= official.sum()
+    for _ in range(3):
+        official /= official.sum(dim=1, keepdim=True)
+        official /= 32
+        official /= official.sum(dim=0, keepdim=True)
+        official /= 16
+    assert torch.equal(sinkhorn_knopp(logits, 0.04), (official * 16).t())  # bit for bit
+
+
+def test_flip_probability_zero_never_flips_and_keeps_the_crop_stream():
+    import numpy as np
+    from PIL import Image
+
+    from dinov2_hf.data.transforms import CropSettings, MultiCropGeometry
+
+    image = Image.fromarray(np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3))
+    settings = dict(global_crops_size=32, local_crops_size=16, local_crops_number=2, global_crops_scale=(1.0, 1.0))
+    flipping = MultiCropGeometry(CropSettings(**settings), seed=3)
+    never = MultiCropGeometry(CropSettings(**settings, flip_probability=0.0), seed=3)
+    unflipped = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    flips = 0
+    for _ in range(8):
+        a, b = flipping(image), never(image)
+        for crop_a, crop_b in zip(a["global_crops"], b["global_crops"]):  # scale 1, ratio 1: the whole image
+            assert torch.equal(crop_b, unflipped)
+            flips += not torch.equal(crop_a, crop_b)
+            assert torch.equal(crop_a, crop_b) or torch.equal(crop_a, crop_b.flip(-1))  # same box, maybe mirrored
+    assert 0 < flips < 16

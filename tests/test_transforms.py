@@ -104,7 +104,7 @@ def blur_marker(monkeypatch):
     """Replace the blur by a marker (-10) so that which images were blurred can be counted exactly."""
     import dinov2_hf.data.transforms as transforms
 
-    monkeypatch.setattr(transforms, "gaussian_blur", lambda images, sigmas: torch.full_like(images, -10.0))
+    monkeypatch.setattr(transforms, "gaussian_blur", lambda images, sigmas, kernel_size=9: torch.full_like(images, -10.0))
 
 
 def test_photometric_probabilities(monkeypatch):

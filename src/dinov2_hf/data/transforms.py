@@ -41,6 +41,7 @@ class CropSettings:
     local_crops_number: int = 8
     global_crops_scale: tuple[float, float] = (0.32, 1.0)
     local_crops_scale: tuple[float, float] = (0.05, 0.32)
+    flip_probability: float = 0.5  # horizontal flips (0 for images whose mirror image means something else: digits, text)
 
 
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], rng: random.Random) -> tuple[int, int, int, int]:
@@ -78,7 +79,7 @@ class MultiCropGeometry:
     def _crop(self, image: Image.Image, size: int, scale: tuple[float, float]) -> torch.Tensor:
         box = random_resized_crop_box(image.width, image.height, scale, self.rng)
         crop = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
-        if self.rng.random() < 0.5:
+        if self.rng.random() < self.settings.flip_probability:  # (drawn whatever the probability: same RNG stream)
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1)
 

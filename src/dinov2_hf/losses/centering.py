@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_reduce_sum, world_size
+from .distributed import all_reduce_max, all_reduce_sum, world_size
+
+EXP_SAFE = 60.0  # exp(60) ~ 1e26: summed over K x B entries, still far from float32's 3e38
+TINY = torch.finfo(torch.float32).tiny
 
 
 @torch.no_grad()
@@ -33,15 +36,22 @@ def sinkhorn_knopp(
     ``n_samples_total`` is the number of samples over all ranks (default: B x world size; iBOT
     passes the all-reduced count of masked patches, which differs per rank).
     """
-    q = torch.exp(teacher_logits.float() / teacher_temp).t()  # K x B
+    scaled = teacher_logits.float() / teacher_temp
+    # exp overflows float32 above ~88: at low temperatures subtract each prototype's maximum over the samples (of all
+    # ranks) first. The first row normalisation cancels it exactly; below the threshold (the official temperatures)
+    # nothing is subtracted and the official computation runs bit for bit (x - 0 is x; no host sync either way).
+    prototype_max = all_reduce_max(scaled.max(dim=0).values)
+    scaled = scaled - torch.where(prototype_max.max() > EXP_SAFE, prototype_max, torch.zeros_like(prototype_max))
+    q = torch.exp(scaled).t()  # K x B
     n_prototypes = q.shape[0]
     if n_samples_total is None:
         n_samples_total = q.shape[1] * world_size()
     q /= all_reduce_sum(q.sum())
     for _ in range(n_iterations):
-        q /= all_reduce_sum(q.sum(dim=1, keepdim=True))
+        # (a prototype or sample whose every exp underflowed sums to 0: kept at 0 instead of 0 / 0)
+        q /= all_reduce_sum(q.sum(dim=1, keepdim=True)).clamp_min(TINY)
         q /= n_prototypes
-        q /= q.sum(dim=0, keepdim=True)
+        q /= q.sum(dim=0, keepdim=True).clamp_min(TINY)
         q /= n_samples_total
     q *= n_samples_total
     return q.t()
