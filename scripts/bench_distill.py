@@ -69,8 +69,9 @@ def overrides(args, width: int, blocks: int, steps: int, output: Path, extra: li
 def run(name: str, recipe: str, overrides: list[str]) -> dict:
     start = time.perf_counter()
     trainer = Trainer(load_train_config(recipe, overrides))
-    history = trainer.train()
-    result = {"knn_init": trainer.initial_knn, "knn_final": trainer.final_knn, "steps": trainer.step,
+    trained = trainer.train()
+    history = trained.history
+    result = {"knn_init": trained.initial_knn, "knn_final": trained.final_knn, "steps": trained.steps,
               "wall_seconds": round(time.perf_counter() - start, 1),
               "teacher_entropy_final": history[-1].get("teacher_entropy") if history else None}
     print(f"{name}: {json.dumps(result)}", flush=True)

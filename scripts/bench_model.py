@@ -107,7 +107,7 @@ def interleaved_cpu_case(preset: str, batch: int, rounds: int, threads: int) -> 
     with torch.inference_mode():
         for name, model in models.items():  # warm-up, and the peak memory of one forward
             model(pixel_values)
-            peaks[name] = cpu_peak_allocated(lambda: model(pixel_values))
+            peaks[name] = cpu_peak_allocated(lambda model=model: model(pixel_values))
         for _ in range(rounds):
             for name, model in models.items():
                 start = time.perf_counter()

@@ -65,11 +65,11 @@ def bench_session(model, session, batch_sizes, size, iters, warmup, threads, rou
         pixel_values = torch.randn(batch, 3, size, size)
         feed = {"pixel_values": pixel_values.numpy()}
 
-        def run_torch():
+        def run_torch(pixel_values=pixel_values):
             with torch.inference_mode():
                 return model(pixel_values).last_hidden_state
 
-        def run_onnx():
+        def run_onnx(feed=feed):
             return session.run(["last_hidden_state"], feed)[0]
 
         difference = float(abs(run_onnx() - run_torch().numpy()).max())

@@ -147,7 +147,8 @@ def run(recipe: str, variant: str, overrides: list[str], args, output: Path) -> 
     config.train.save_every = config.total_steps
     started = time.perf_counter()
     trainer = Trainer(config)
-    history = trainer.train()
+    result = trainer.train()
+    history = result.history
     wall = time.perf_counter() - started
     warmup = trainer.phases[0].schedules.lr.warmup_iters
     after = [r for r in history if r["step"] >= warmup]
@@ -155,7 +156,7 @@ def run(recipe: str, variant: str, overrides: list[str], args, output: Path) -> 
     size = config.crops.global_crops_size
     record = {
         "recipe": recipe, "variant": variant, "overrides": overrides, "steps": len(history), "wall_seconds": round(wall, 1),
-        "knn_init": trainer.initial_knn, "knn_final": trainer.final_knn,
+        "knn_init": result.initial_knn, "knn_final": result.final_knn,
         "knn_export": export_knn(recipe, Path(output) / "export" / "transformers", size),
         # (objective=simdino has no prototypes: no entropies, its collapse indicator is cls_std)
         "max_teacher_entropy_after_warmup": max((r["teacher_entropy"] for r in after if "teacher_entropy" in r), default=None),

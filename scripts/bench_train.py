@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dinov2_hf.data.collate import MultiCropCollator  # noqa: E402
 from dinov2_hf.modeling.convert import to_transformers  # noqa: E402
-from dinov2_hf.ssl import (  # noqa: E402
+from dinov2_hf.objective import (  # noqa: E402
     CropsSettings,
     DinoSettings,
     IbotSettings,
@@ -37,7 +37,7 @@ from dinov2_hf.ssl import (  # noqa: E402
     build_schedules,
     param_groups,
 )
-from dinov2_hf.ssl.step import training_step  # noqa: E402
+from dinov2_hf.objective.step import training_step  # noqa: E402
 
 
 class StockBackbone(nn.Module):

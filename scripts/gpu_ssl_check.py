@@ -27,10 +27,10 @@ from dinov2_hf.data import open_rgb  # noqa: E402
 from dinov2_hf.data.collate import MultiCropCollator  # noqa: E402
 from dinov2_hf.data.transforms import BatchedPhotometric, MultiCropGeometry  # noqa: E402
 from dinov2_hf.eval import knn_classify  # noqa: E402
-from dinov2_hf.ssl import build_schedules, param_groups  # noqa: E402
-from dinov2_hf.ssl.config import load_recipe  # noqa: E402
-from dinov2_hf.ssl.meta_arch import build_meta_arch  # noqa: E402
-from dinov2_hf.ssl.step import augment_batch, training_step  # noqa: E402
+from dinov2_hf.objective import build_schedules, param_groups  # noqa: E402
+from dinov2_hf.objective.config import load_recipe  # noqa: E402
+from dinov2_hf.objective.meta_arch import build_meta_arch  # noqa: E402
+from dinov2_hf.objective.step import augment_batch, training_step  # noqa: E402
 
 
 def read_split(folder: Path, prefix: str) -> tuple[list[bytes], torch.Tensor]:

@@ -2,13 +2,8 @@
 
 import pytest
 
-from dinov2_hf.training.checkpoint import (
-    atomic_checkpoint,
-    checkpoint_step,
-    latest_checkpoint,
-    list_checkpoints,
-    prune_checkpoints,
-)
+from dinov2_hf.training.checkpoint import atomic_checkpoint, prune_checkpoints
+from dinov2_hf.training.run_dir import checkpoint_step, latest_checkpoint, list_checkpoints
 
 
 def write(root, step, payload="weights"):

@@ -16,9 +16,9 @@ from datasets import load_dataset
 
 from dinov2_hf.data.collate import MultiCropCollator
 from dinov2_hf.data.transforms import BatchedPhotometric, MultiCropGeometry
-from dinov2_hf.ssl import SSLMetaArch, build_schedules, param_groups
-from dinov2_hf.ssl.config import load_recipe
-from dinov2_hf.ssl.step import augment_batch, training_step
+from dinov2_hf.objective import SSLMetaArch, build_schedules, param_groups
+from dinov2_hf.objective.config import load_recipe
+from dinov2_hf.objective.step import augment_batch, training_step
 
 OVERRIDES = [
     "model.overrides.hidden_size=96",

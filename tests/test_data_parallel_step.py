@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 from test_objective import fake_batch, tiny_config
 
 from dinov2_hf.data.collate import MultiCropCollator
-from dinov2_hf.ssl import DinoSettings, SSLMetaArch, build_schedules, param_groups
-from dinov2_hf.ssl.step import training_step
+from dinov2_hf.objective import DinoSettings, SSLMetaArch, build_schedules, param_groups
+from dinov2_hf.objective.step import training_step
 
 STEPS, IMAGES = 3, 8
 
@@ -98,3 +98,53 @@ def test_two_ranks_equal_one_process_softmax_center():
 
 def test_two_ranks_equal_one_process_sinkhorn_knopp():
     check("sinkhorn_knopp")
+
+
+def _accumulating_worker(rank: int, init_file: str, results: dict) -> None:
+    """Two micro-batches per step on each rank, with and without ``no_gradient_sync``; gradient all-reduces counted."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dinov2_hf.training.parallelize import no_gradient_sync
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        for skip_sync in (True, False):
+            torch.manual_seed(0)
+            arch = SSLMetaArch(config("softmax_center")).train()
+            ddp = DistributedDataParallel(arch, broadcast_buffers=False)
+            buckets = []
+
+            def counting_allreduce(group, bucket, buckets=buckets):
+                buckets.append(bucket.index())
+                return default_hooks.allreduce_hook(group, bucket)
+
+            ddp.register_comm_hook(None, counting_allreduce)
+            optimizer = torch.optim.AdamW(param_groups(arch.student))
+            schedules = build_schedules(arch.config.schedule, IMAGES)
+            micro_batches = [fake_batch(arch.config, IMAGES // 2, seed=2 * rank + i) for i in range(2)]
+            no_sync = (lambda ddp=ddp: no_gradient_sync(ddp)) if skip_sync else None
+            records = [training_step(arch, optimizer, micro_batches, schedules, 2000 + step, 3.0, model=ddp, no_sync=no_sync)
+                       for step in range(STEPS)]
+            arch.apply_pending_center_updates()
+            results[(rank, skip_sync)] = {"records": records, "buckets": buckets,
+                                          "state": {k: v.clone() for k, v in arch.state_dict().items()}}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradient_accumulation_reduces_gradients_once_per_step():
+    """``no_gradient_sync`` on all micro-batches but the last: the same update as reducing after each
+    micro-batch, with one gradient all-reduce per bucket and optimizer step instead of one per micro-batch."""
+    with tempfile.TemporaryDirectory() as tmp:
+        results = mp.Manager().dict()
+        mp.spawn(_accumulating_worker, args=(os.path.join(tmp, "init"), results), nprocs=2, join=True)
+        results = dict(results)
+    for rank in range(2):
+        once, every = results[(rank, True)], results[(rank, False)]
+        buckets = len(set(once["buckets"]))
+        assert len(once["buckets"]) == STEPS * buckets and len(every["buckets"]) == 2 * STEPS * buckets
+        for a, b in zip(once["records"], every["records"]):
+            assert abs(a["loss"] - b["loss"]) < 1e-6 * max(1.0, abs(b["loss"]))
+        for name, value in once["state"].items():
+            torch.testing.assert_close(value, every["state"][name], rtol=1e-5, atol=1e-6, msg=name)

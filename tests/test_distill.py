@@ -8,9 +8,10 @@ from test_objective import fake_batch, tiny_config
 from test_trainer import tiny_config as tiny_train_config
 from test_trainer import write_cifar_subset
 
-from dinov2_hf.ssl import DinoSettings, ModelSettings, SSLMetaArch
-from dinov2_hf.ssl.distill import DistillMetaArch, load_teacher
-from dinov2_hf.training.trainer import Trainer, build_arch
+from dinov2_hf.objective import DinoSettings, ModelSettings, SSLMetaArch
+from dinov2_hf.objective.distill import DistillMetaArch
+from dinov2_hf.training.build import build_arch, load_teacher
+from dinov2_hf.training.trainer import Trainer
 
 
 def student_config(**dino):
@@ -96,7 +97,7 @@ def test_distill_from_a_training_checkpoint_exports_the_student_ema(cifar_dir, t
         assert type(distilled).__name__ == ("DistillMetaArch" if teacher_source == checkpoint else "FeatureDistillMetaArch")
         for name, value in distilled.student["backbone"].state_dict().items():
             assert torch.equal(value, scratch[name]), name
-    history = trainer.train()
+    history = trainer.train().history
     assert len(history) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
     from transformers import AutoModel
 
@@ -138,8 +139,8 @@ def test_feature_distillation_learns_the_teacher_features_on_another_grid():
     """Headless mode: a stock transformers teacher (patch 14), a student on a finer grid (patch 7)."""
     from transformers import Dinov2Config, Dinov2Model
 
-    from dinov2_hf.ssl import param_groups
-    from dinov2_hf.ssl.distill import FeatureDistillMetaArch
+    from dinov2_hf.objective import param_groups
+    from dinov2_hf.objective.distill import FeatureDistillMetaArch
 
     torch.manual_seed(0)
     stock = Dinov2Model(Dinov2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
@@ -172,7 +173,7 @@ def test_feature_distillation_from_a_stock_transformers_folder(cifar_dir, tmp_pa
     """`distill.teacher=<stock transformers folder>` picks the headless mode and exports the student EMA."""
     from transformers import AutoModel
 
-    from dinov2_hf.ssl.distill import FeatureDistillMetaArch
+    from dinov2_hf.objective.distill import FeatureDistillMetaArch
 
     data = write_cifar_subset(cifar_dir, tmp_path / "data")
     Trainer(tiny_train_config(data, tmp_path / "teacher", max_steps=2)).train()
@@ -181,7 +182,7 @@ def test_feature_distillation_from_a_stock_transformers_folder(cifar_dir, tmp_pa
                "distill.loss=smooth_l1"]
     trainer = Trainer(tiny_train_config(data, tmp_path / "student", student, max_steps=3))
     assert isinstance(trainer.accelerator.unwrap_model(trainer.model), FeatureDistillMetaArch)
-    history = trainer.train()
+    history = trainer.train().history
     assert len(history) == 3 and all("distill_patch_loss" in r for r in history)
     assert AutoModel.from_pretrained(tmp_path / "student" / "export" / "transformers").config.hidden_size == 32
     with pytest.raises(ValueError, match="headless distillation checkpoint"):
@@ -192,7 +193,7 @@ def test_standardize_is_per_channel_and_feature_targets_ignore_what_all_images_s
     from transformers import Dinov2Config, Dinov2Model
 
     from dinov2_hf.modeling.convert import from_transformers
-    from dinov2_hf.ssl.distill import FeatureDistillMetaArch, standardize
+    from dinov2_hf.objective.distill import FeatureDistillMetaArch, standardize
 
     features = torch.tensor([[1.0, 10.0], [3.0, 10.5], [5.0, 11.0]])
     # channel 0: mean 3, sample std 2; channel 1: mean 10.5, sample std 0.5
@@ -229,7 +230,7 @@ def test_a_bf16_teacher_gives_the_fp32_teachers_targets_within_bf16_rounding():
     from transformers import Dinov2Config, Dinov2Model
 
     from dinov2_hf.modeling.convert import from_transformers
-    from dinov2_hf.ssl.distill import FeatureDistillMetaArch
+    from dinov2_hf.objective.distill import FeatureDistillMetaArch
 
     batch = fake_batch(student_config())
     logits = {}
@@ -261,8 +262,8 @@ def test_a_bf16_teacher_gives_the_fp32_teachers_targets_within_bf16_rounding():
 
 
 def test_teacher_dtype_auto_follows_mixed_precision_but_not_fsdp(monkeypatch, tmp_path):
+    from dinov2_hf.training.build import teacher_dtype
     from dinov2_hf.training.config import load_train_config
-    from dinov2_hf.training.trainer import teacher_dtype
 
     def resolved(**settings):
         overrides = [f"train.mixed_precision={settings.get('precision', 'no')}", f"distill.teacher_dtype={settings.get('dtype', 'auto')}"]
@@ -289,7 +290,7 @@ def test_every_trainable_student_parameter_gets_a_gradient(mode):
     from transformers import Dinov2Config, Dinov2Model
 
     from dinov2_hf.modeling.convert import from_transformers
-    from dinov2_hf.ssl.distill import FeatureDistillMetaArch
+    from dinov2_hf.objective.distill import FeatureDistillMetaArch
 
     if mode == "self_distillation_without_ibot":
         config = tiny_config()

@@ -122,7 +122,7 @@ def test_fsdp2_distillation_shards_the_frozen_teacher_and_matches_ddp(runs):
     for key in teacher_weights:  # each rank wrote its own shard of the frozen teacher's blocks
         assert len(saved[key].chunks) == 2, (key, saved[key].chunks)
     # An FSDP2 run's sharded checkpoint is a teacher too: the same weights as the DDP run's.
-    from dinov2_hf.ssl.distill import load_teacher
+    from dinov2_hf.training.build import load_teacher
 
     from_shards, _ = load_teacher(tmp / "fsdp" / "checkpoints" / "checkpoint-4")
     from_ddp, _ = load_teacher(tmp / "ddp" / "checkpoints" / "checkpoint-4")

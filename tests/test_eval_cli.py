@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from conftest import randomize_
+from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 
 from dinov2_hf import Dinov2HFConfig, Dinov2HFModel
 from dinov2_hf.cli import main
@@ -14,7 +15,6 @@ from dinov2_hf.eval.features import labelled_images
 from dinov2_hf.eval.knn import knn_classify
 from dinov2_hf.modeling.convert import export_transformers
 from dinov2_hf.modeling.processor import dinov2_image_processor
-from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 
 TRAIN = "train-00000-of-00005.parquet"
 TEST = "test-00000-of-00001.parquet"

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
+from PIL import Image
 from sklearn.datasets import load_sample_image
 from sklearn.metrics import jaccard_score
-from PIL import Image
 
 from dinov2_hf import Dinov2HFConfig, Dinov2HFModel
 from dinov2_hf.data.sources import DataSettings, load_image_stream
@@ -24,7 +25,6 @@ from dinov2_hf.eval.dense import (
     train_segmentation_head,
 )
 from dinov2_hf.eval.features import labelled_images
-from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 
 
 def test_segmentation_metrics_match_sklearn():

@@ -4,10 +4,10 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 from test_knn import reference_knn
 
 from dinov2_hf.eval.knn import knn_classify, knn_predict, topk_cosine
-from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 
 
 def test_running_topk_over_train_chunks_equals_faiss_exact_search():

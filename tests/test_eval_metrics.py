@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 from sklearn.metrics import accuracy_score, average_precision_score, jaccard_score, mean_squared_error
 
 from dinov2_hf.eval.metrics import load_metric
-from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 
 
 def test_top1_accuracy_module():

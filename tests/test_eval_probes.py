@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 
 from dinov2_hf import Dinov2HFConfig, Dinov2HFModel
 from dinov2_hf.data.sources import DataSettings, load_image_stream
@@ -14,7 +15,6 @@ from dinov2_hf.eval.features import Features, extract_features, labelled_images
 from dinov2_hf.eval.knn import knn_classify
 from dinov2_hf.eval.linear import StackedLinear, linear_probe, logistic_regression, train_val_split
 from dinov2_hf.modeling.processor import dinov2_image_processor
-from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 
 
 def test_stacked_heads_step_like_separate_linears_with_their_own_lr():

@@ -5,8 +5,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 
+from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 from test_readme import readme_cli_commands
 
 

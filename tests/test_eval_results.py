@@ -2,10 +2,10 @@
 
 import json
 
+from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 from huggingface_hub import ModelCard
 
 from dinov2_hf.eval.results import update_model_card, write_results
-from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 
 
 def test_results_land_in_a_model_card_and_are_replaced_on_rerun(tmp_path):

@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 from sklearn.metrics import average_precision_score
 
 from dinov2_hf import Dinov2HFConfig, Dinov2HFModel
@@ -18,7 +19,6 @@ from dinov2_hf.eval.retrieval import (
     mean_average_precision,
 )
 from dinov2_hf.modeling.processor import dinov2_image_processor
-from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 
 
 def test_standard_ap_equals_sklearn():

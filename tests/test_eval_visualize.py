@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import randomize_
+from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
 from dinov2_hf import Dinov2HFConfig, Dinov2HFModel
 from dinov2_hf.eval.visualize import cls_attention_maps, match_patches, pca_rgb, save_figures
-from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 
 
 def test_pca_separates_a_planted_foreground():

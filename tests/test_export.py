@@ -105,7 +105,7 @@ def test_stock_automodel_processor_and_pipeline(tiny_kwargs, tmp_path, registers
     with torch.no_grad():
         expected = ours(x).last_hidden_state
     result = run_isolated(
-        f"""
+        """
         import json, torch, numpy as np
         from PIL import Image
         from transformers import AutoModel, AutoImageProcessor, pipeline
@@ -120,12 +120,12 @@ def test_stock_automodel_processor_and_pipeline(tiny_kwargs, tmp_path, registers
         with torch.no_grad():
             direct = model(pixels).last_hidden_state
         features = pipeline("image-feature-extraction", model="stock", device="cpu")(image, return_tensors=True)
-        print(json.dumps({{
+        print(json.dumps({
             "class": type(model).__name__, "pixels": list(pixels.shape),
-            "size": {{"shortest_edge": processor.size.shortest_edge}},
-            "crop": {{"height": processor.crop_size.height, "width": processor.crop_size.width}}, "resample": int(processor.resample),
+            "size": {"shortest_edge": processor.size.shortest_edge},
+            "crop": {"height": processor.crop_size.height, "width": processor.crop_size.width}, "resample": int(processor.resample),
             "pipeline_matches": bool(torch.allclose(features, direct, atol=1e-5)),
-        }}))
+        }))
         """,
         cwd=tmp_path,
     )

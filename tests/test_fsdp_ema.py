@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dinov2_hf.ssl import CropsSettings, DinoSettings, IbotSettings, ModelSettings, SSLConfig, SSLMetaArch
+from dinov2_hf.objective import CropsSettings, DinoSettings, IbotSettings, ModelSettings, SSLConfig, SSLMetaArch
 
 
 def tiny_arch() -> SSLMetaArch:

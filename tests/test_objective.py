@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from dinov2_hf.data.collate import MultiCropCollator
-from dinov2_hf.ssl import (
+from dinov2_hf.data.masking import MaskingGenerator, stratified_masks
+from dinov2_hf.objective import (
     CropsSettings,
     DINOHead,
     DinoSettings,
     IbotSettings,
-    MaskingGenerator,
     ModelSettings,
     ScheduleConfig,
     SSLConfig,
@@ -22,9 +22,7 @@ from dinov2_hf.ssl import (
     apply_schedules,
     build_schedules,
     param_groups,
-    stratified_masks,
 )
-
 
 # -- masking ------------------------------------------------------------------------------------------
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fake_hub import fake_hub
 from PIL import Image
 from safetensors.torch import load_file
+from test_trainer import tiny_config, write_cifar_subset
 
 from dinov2_hf.config_utils import ConfigError
 from dinov2_hf.eval.results import write_results
 from dinov2_hf.hub import push_checkpoint, push_dataset
-from fake_hub import fake_hub
-from test_trainer import tiny_config, write_cifar_subset
 
 STOCK_FILES = {"README.md", "config.json", "model.safetensors", "preprocessor_config.json", "pca_features.png"}
 OURS_FILES = {"config.json", "configuration_dinov2_hf.py", "heads.safetensors", "model.safetensors", "modeling_dinov2_hf.py",
@@ -26,12 +26,14 @@ OURS_FILES = {"config.json", "configuration_dinov2_hf.py", "heads.safetensors", 
 
 @pytest.fixture(scope="module")
 def run(cifar_dir, tmp_path_factory):
-    """A 2-step tiny run (checkpoint + both exports) and a kNN results file."""
+    """A 2-step tiny run (checkpoint + both exports with their cards) and a kNN results file."""
+    from dinov2_hf.hub import hub_callbacks
     from dinov2_hf.training.trainer import Trainer
 
     root = tmp_path_factory.mktemp("push_run")
     data = write_cifar_subset(cifar_dir, root / "data", rows=48)
-    Trainer(tiny_config(data, root / "run", max_steps=2)).train()
+    config = tiny_config(data, root / "run", max_steps=2)
+    Trainer(config, hub_callbacks(config)).train()
     write_results(root / "knn.json", "knn", {"top1_k10": 0.25, "top1_k20": 0.3125},
                   model="run", dataset={"train": "cifar10 [train]", "test": "cifar10 [test]"})
     return root
@@ -111,7 +113,7 @@ def test_push_uploads_a_backbone_that_stock_transformers_loads(run, tmp_path, mo
     for name, tensor in heads.items():
         torch.testing.assert_close(tensor, checkpoint[f"teacher.{name}"], rtol=0, atol=0)
     # ... and the uploaded dinov2_hf/ folder is a distillation teacher, like the checkpoint itself
-    from dinov2_hf.ssl.distill import load_teacher
+    from dinov2_hf.training.build import load_teacher
 
     published, checkpointed = (load_teacher(f)[0].state_dict() for f in (uploaded / "dinov2_hf", run / "run" / "checkpoints" / "checkpoint-2"))
     assert published.keys() == checkpointed.keys() and all(torch.equal(published[k], checkpointed[k]) for k in published)
@@ -221,6 +223,7 @@ def test_dry_run_stages_without_token_or_network(run, tmp_path, capsys):
 
 
 def test_push_to_hub_after_training(cifar_dir, tmp_path, monkeypatch):
+    from dinov2_hf.hub.training import hub_callbacks, push_callback
     from dinov2_hf.training.trainer import Trainer
 
     with pytest.raises(ConfigError, match="push_to_hub=true needs hub.repo_id"):
@@ -228,17 +231,18 @@ def test_push_to_hub_after_training(cifar_dir, tmp_path, monkeypatch):
     data = write_cifar_subset(cifar_dir, tmp_path / "data", rows=32)
     config = tiny_config(data, tmp_path / "run", extra=("hub.push_to_hub=true", "hub.repo_id=me/trained", "hub.format=stock"), max_steps=1)
     with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set"):
-        Trainer(config)  # before any training
+        hub_callbacks(config)  # where the run starts, before any training
     with fake_hub(monkeypatch) as hub:
         hub.fail["create"] = [403]  # the push fails: reported, the export stays
-        trainer = Trainer(config)
-        trainer.train()
-        assert trainer.push_result is None and "upload to me/trained failed" in str(trainer.push_error)
+        callbacks = hub_callbacks(config)
+        Trainer(config, callbacks).train()
+        pusher = push_callback(callbacks)
+        assert pusher.result is None and "upload to me/trained failed" in str(pusher.error)
         assert (tmp_path / "run" / "export" / "transformers" / "model.safetensors").is_file()
         config.train.max_steps = 2
-        trainer = Trainer(config)  # resumes, trains one more step, exports, pushes
-        trainer.train()
-    assert trainer.push_result.commit_url.startswith("https://huggingface.co/me/trained/commit/")
+        callbacks = hub_callbacks(config)
+        Trainer(config, callbacks).train()  # resumes, trains one more step, exports, pushes
+    assert push_callback(callbacks).result.commit_url.startswith("https://huggingface.co/me/trained/commit/")
     [commit] = hub.commits
     assert set(commit.files) == STOCK_FILES and commit.message == "Upload DINOv2 backbone (step 2) with dinov2_hf"
     state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
@@ -294,8 +298,8 @@ def test_card_metadata_names_hub_datasets_and_the_teachers_repo(tmp_path):
     import yaml
     from huggingface_hub import ModelCard
 
+    from dinov2_hf.hub.model_card import is_hub_id, model_card, teacher_repo_id
     from dinov2_hf.training.config import load_train_config
-    from dinov2_hf.training.model_card import is_hub_id, model_card, teacher_repo_id
 
     assert is_hub_id("facebook/dinov2-large") and not is_hub_id("cifar10")
     assert not is_hub_id("../shared/data/cifar10/train-00000-of-00005.parquet") and not is_hub_id("data/*.parquet")

@@ -5,15 +5,15 @@ import json
 
 import pytest
 import torch
+from test_trainer import tiny_config, write_cifar_subset
 
 from dinov2_hf.data.transforms import BatchedPhotometric, blur_kernel_size, gaussian_blur
 from dinov2_hf.losses import SimDINOLoss, SimDINOPatchLoss, coding_rate
-from dinov2_hf.ssl import CropsSettings, DinoSettings, IbotSettings, ModelSettings, SSLConfig
-from dinov2_hf.ssl.meta_arch import SimDINOMetaArch, build_meta_arch, collapse_advice
-from dinov2_hf.ssl.schedules import ScheduleConfig, build_schedules
+from dinov2_hf.objective import CropsSettings, DinoSettings, IbotSettings, ModelSettings, SSLConfig
+from dinov2_hf.objective.meta_arch import SimDINOMetaArch, build_meta_arch, collapse_advice
+from dinov2_hf.objective.schedules import ScheduleConfig, build_schedules
 from dinov2_hf.training.config import load_train_config
 from dinov2_hf.training.trainer import Trainer
-from test_trainer import tiny_config, write_cifar_subset
 
 # -- short runs compress their schedules -------------------------------------------------------------------
 
@@ -153,8 +153,9 @@ def test_stop_on_collapse_stops_with_a_checkpoint(cifar_dir, tmp_path):
     data = write_cifar_subset(cifar_dir, tmp_path / "data", rows=96)
     config = tiny_config(data, tmp_path / "run", ("model.layerscale_value=1e-5",), stop_on_collapse=2)
     trainer = Trainer(config)
-    history = trainer.train()
-    assert trainer.stopped_on_collapse and [r["collapse"] for r in history] == [1.0] * 4
+    result = trainer.train()
+    history = result.history
+    assert result.stopped_on_collapse and [r["collapse"] for r in history] == [1.0] * 4
     assert trainer.step == 4  # steps 0-1 warm up; 2 and 3 are the 2 counted after it
     assert (tmp_path / "run" / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file()
     assert not (tmp_path / "run" / "export").exists()
@@ -163,10 +164,10 @@ def test_stop_on_collapse_stops_with_a_checkpoint(cifar_dir, tmp_path):
 def test_stop_at_step_then_resume_completes_the_run(cifar_dir, tmp_path):
     data = write_cifar_subset(cifar_dir, tmp_path / "data", rows=96)
     stopped = Trainer(tiny_config(data, tmp_path / "run", stop_at_step=5, save_every=100))
-    assert len(stopped.train()) == 5 and not (tmp_path / "run" / "export").exists()
+    assert len(stopped.train().history) == 5 and not (tmp_path / "run" / "export").exists()
     state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-5" / "trainer_state.json").read_text())
     assert state["step"] == 5
-    resumed = Trainer(tiny_config(data, tmp_path / "run", save_every=100)).train()
+    resumed = Trainer(tiny_config(data, tmp_path / "run", save_every=100)).train().history
     assert [r["step"] for r in resumed] == [5, 6, 7]
     assert (tmp_path / "run" / "export" / "transformers" / "model.safetensors").is_file()
 
@@ -177,7 +178,7 @@ def test_monitor_queries_from_a_test_source(cifar_dir, tmp_path):
     config.monitor.every, config.monitor.source, config.monitor.test_source = 1, str(data), str(cifar_dir / "test-00000-of-00001.parquet")
     config.monitor.train_images, config.monitor.test_images = 40, 30
     trainer = Trainer(config)
-    pixels, labels = trainer._monitor_images()
+    pixels, labels = trainer.monitor.images()
     assert len(pixels) == 70
     # The queries are the first 30 test images (the subset's first rows are the test split's too).
     assert torch.equal(pixels[40:], pixels[:30]) and torch.equal(labels[40:], labels[:30])
@@ -268,7 +269,7 @@ def test_small_data_recipes_do_not_flat_collapse(recipe, cifar_dir, tmp_path):
     overrides = [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=60", "monitor.every=0", "train.num_workers=0"]
     if recipe == "cifar10_cpu":
         overrides.append(f"data.source={write_cifar_subset(cifar_dir, tmp_path / 'data', rows=1000)}")
-    history = Trainer(load_train_config(recipe, overrides)).train()
+    history = Trainer(load_train_config(recipe, overrides)).train().history
     late = history[20:]
     assert max(r["teacher_entropy"] for r in late) <= 0.95, [round(r["teacher_entropy"], 3) for r in history]
     assert min(r["teacher_batch_entropy"] for r in late) >= 0.9

@@ -1,9 +1,8 @@
 """The trainer on CPU: loss goes down, kill-and-resume continues the same trajectory, bad images are
 counted, the export loads with stock transformers."""
 
-import io
-import math
 import json
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from dinov2_hf.config_utils import ConfigError
+from dinov2_hf.hub import hub_callbacks
 from dinov2_hf.training.config import load_train_config
 from dinov2_hf.training.trainer import Trainer
 
@@ -41,11 +41,11 @@ def tiny_config(data_dir, output_dir, extra: tuple[str, ...] = (), **train):
 
 def test_kill_and_resume_reproduces_the_trajectory(cifar_dir, tmp_path):
     data = write_cifar_subset(cifar_dir, tmp_path / "data")
-    full = Trainer(tiny_config(data, tmp_path / "full")).train()
+    full = Trainer(tiny_config(data, tmp_path / "full")).train().history
     assert len(full) == 8
-    killed = Trainer(tiny_config(data, tmp_path / "resumed", stop_at_step=3)).train()  # "killed" after step 3
+    killed = Trainer(tiny_config(data, tmp_path / "resumed", stop_at_step=3)).train().history  # "killed" after step 3
     assert [r["loss"] for r in killed] == [r["loss"] for r in full[:3]]
-    resumed = Trainer(tiny_config(data, tmp_path / "resumed")).train()  # resume=auto
+    resumed = Trainer(tiny_config(data, tmp_path / "resumed")).train().history  # resume=auto
     assert [r["step"] for r in resumed] == list(range(3, 8))
     for a, b in zip(resumed, full[3:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6), (a["step"], a["loss"], b["loss"])
@@ -54,7 +54,8 @@ def test_kill_and_resume_reproduces_the_trajectory(cifar_dir, tmp_path):
 
 def test_bad_images_are_counted_and_export_loads_in_stock_transformers(cifar_dir, tmp_path):
     data = write_cifar_subset(cifar_dir, tmp_path / "data", corrupt=4)
-    history = Trainer(tiny_config(data, tmp_path / "run", max_steps=8, num_workers=1)).train()
+    config = tiny_config(data, tmp_path / "run", max_steps=8, num_workers=1)
+    history = Trainer(config, hub_callbacks(config)).train().history  # with the model cards
     assert history[-1]["skipped_images"] == 4
     from transformers import AutoImageProcessor, AutoModel
 
@@ -153,7 +154,7 @@ def test_knn_monitor_logs_accuracy(cifar_dir, tmp_path):
     config = tiny_config(data, tmp_path / "run", max_steps=4)
     config.monitor.every, config.monitor.source = 2, str(data)
     config.monitor.train_images, config.monitor.test_images = 64, 32
-    history = Trainer(config).train()
+    history = Trainer(config).train().history
     accuracies = [r["knn_top1"] for r in history if "knn_top1" in r]
     assert len(accuracies) == 2 and all(0.0 <= a <= 1.0 for a in accuracies)
 
@@ -165,19 +166,28 @@ def test_resolution_adaptation_phase_and_resume_across_it(cifar_dir, tmp_path):
     adaptation = ["adaptation.global_crops_size=48", "adaptation.local_crops_size=24", "adaptation.schedule.epochs=1",
                   "adaptation.schedule.epoch_length=3", "adaptation.schedule.base_lr=0.001"]
 
-    full = Trainer(tiny_config(data, tmp_path / "full", adaptation)).train()
+    full = Trainer(tiny_config(data, tmp_path / "full", adaptation)).train().history
     assert [r["global_crops_size"] for r in full] == [32] * 8 + [48] * 3
     assert full[8]["lr"] == 0.0 and full[9]["lr"] > 0.0  # the adaptation schedule warms up from 0 again
     assert full[8]["teacher_temp"] == 0.07 and full[8]["last_layer_lr"] == full[8]["lr"]  # no temp warmup, no freeze
-    stopped = Trainer(tiny_config(data, tmp_path / "resumed", adaptation, stop_at_step=8)).train()
+    stopped = Trainer(tiny_config(data, tmp_path / "resumed", adaptation, stop_at_step=8)).train().history
     assert len(stopped) == 8
-    resumed = Trainer(tiny_config(data, tmp_path / "resumed", adaptation)).train()
+    resumed = Trainer(tiny_config(data, tmp_path / "resumed", adaptation)).train().history
     assert [r["step"] for r in resumed] == [8, 9, 10]
     for a, b in zip(resumed, full[8:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6), (a["step"], a["loss"], b["loss"])
+    # The export and what `dinov2-hf push` stages from a checkpoint agree on the resolution the run ended at:
+    # 48 px after adaptation steps, 32 px for a checkpoint written before them.
     from transformers import AutoImageProcessor
 
-    assert AutoImageProcessor.from_pretrained(tmp_path / "full" / "export" / "transformers").crop_size["height"] == 48
+    from dinov2_hf.hub import stage_upload
+
+    def crop_size(folder):
+        return AutoImageProcessor.from_pretrained(folder).crop_size["height"]
+
+    assert crop_size(tmp_path / "full" / "export" / "transformers") == 48
+    assert crop_size(stage_upload(tmp_path / "full" / "checkpoints" / "checkpoint-11", tmp_path / "stage-full", "stock").folder) == 48
+    assert crop_size(stage_upload(tmp_path / "full" / "checkpoints" / "checkpoint-6", tmp_path / "stage-6", "stock").folder) == 32
 
 
 
@@ -187,14 +197,14 @@ def test_activation_checkpointing_keeps_the_trajectory(cifar_dir, tmp_path):
     checkpointed = Trainer(tiny_config(data, tmp_path / "checkpointed", max_steps=3, activation_checkpointing=True))
     backbone = checkpointed.accelerator.unwrap_model(checkpointed.model).student["backbone"]
     assert all(layer.gradient_checkpointing for layer in backbone.encoder.layer)
-    for a, b in zip(plain.train(), checkpointed.train()):
+    for a, b in zip(plain.train().history, checkpointed.train().history):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
 def test_gradient_accumulation_trains_on_micro_batches(cifar_dir, tmp_path):
     data = write_cifar_subset(cifar_dir, tmp_path / "data")
     trainer = Trainer(tiny_config(data, tmp_path / "run", max_steps=4, gradient_accumulation_steps=2, batch_size_per_device=8))
-    history = trainer.train()
+    history = trainer.train().history
     assert [r["step"] for r in history] == [0, 1, 2, 3]
     assert trainer.batches_in_epoch % 2 == 0  # whole steps of two loader batches each
     assert all(math.isfinite(r["loss"]) for r in history)
@@ -207,8 +217,8 @@ def test_training_step_accumulates_like_the_mean_loss():
     from test_objective import fake_batch
     from test_objective import tiny_config as tiny_ssl_config
 
-    from dinov2_hf.ssl import SSLMetaArch, build_schedules, param_groups
-    from dinov2_hf.ssl.step import training_step
+    from dinov2_hf.objective import SSLMetaArch, build_schedules, param_groups
+    from dinov2_hf.objective.step import training_step
 
     config = tiny_ssl_config()
     batches = [fake_batch(config, seed=0), fake_batch(config, seed=1)]
@@ -222,7 +232,7 @@ def test_training_step_accumulates_like_the_mean_loss():
             record = training_step(arch, optimizer, batches, schedules, 2000, 3.0)
         else:  # the reference: both forward passes, one backward of the mean, then the usual update
             values = schedules.at(2000)
-            from dinov2_hf.ssl.param_groups import apply_schedules
+            from dinov2_hf.objective.param_groups import apply_schedules
 
             apply_schedules(optimizer, values["lr"], values["weight_decay"], values["last_layer_lr"])
             outs = [arch(b, teacher_temp=values["teacher_temp"]) for b in batches]

@@ -1,6 +1,5 @@
 """Multi-crop augmentation: geometry distributions and photometric operations vs reference formulas."""
 
-import math
 import random
 
 import numpy as np

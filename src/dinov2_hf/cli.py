@@ -119,42 +119,45 @@ def _add_distill(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    from .hub.training import hub_callbacks, push_callback
     from .training.config import load_train_config
     from .training.trainer import Trainer
 
     overrides = list(args.overrides) + ([f"distill.teacher={args.teacher}"] if getattr(args, "teacher", None) else [])
     config = load_train_config(args.config, overrides)  # fails on unknown keys before any work
-    trainer = Trainer(config)
+    callbacks = hub_callbacks(config)  # checks the push target and token before any work
+    trainer = Trainer(config, callbacks)
+    pusher = push_callback(callbacks)
     if trainer.accelerator.is_main_process:
         print(f"dinov2_hf train: {trainer.describe()}; {config.total_steps} steps -> {trainer.output_dir}", flush=True)
     try:
-        history = trainer.train()
+        result = trainer.train()
     finally:
         _let_arrow_threads_finish()
-    if trainer.stop_signal is not None:
-        print(f"stopped by signal {trainer.stop_signal} at step {trainer.step}; checkpoint saved, rerun to resume")
-        raise SystemExit(128 + trainer.stop_signal)
-    if trainer.stopped_on_collapse:
-        print(f"stopped at step {trainer.step}: the objective collapsed for train.stop_on_collapse="
+    if result.stop_signal is not None:
+        print(f"stopped by signal {result.stop_signal} at step {result.steps}; checkpoint saved, rerun to resume")
+        raise SystemExit(128 + result.stop_signal)
+    if result.stopped_on_collapse:
+        print(f"stopped at step {result.steps}: the objective collapsed for train.stop_on_collapse="
               f"{config.train.stop_on_collapse} steps (see the warning above for the keys to change); checkpoint saved")
         raise SystemExit(3)
-    if trainer.step < config.total_steps:
-        print(f"stopped at train.stop_at_step={trainer.step} of {config.total_steps} steps; checkpoint saved, "
+    if result.steps < result.total_steps:
+        print(f"stopped at train.stop_at_step={result.steps} of {result.total_steps} steps; checkpoint saved, "
               "rerun without train.stop_at_step to resume")
         return
-    if trainer.accelerator.is_main_process and history:
-        last = history[-1]
+    if trainer.accelerator.is_main_process and result.last is not None:
+        last = result.last
         print(
             f"step {last['step'] + 1}: loss {last['loss']:.4f}, skipped images {last['skipped_images']}; "
-            f"exported to {trainer.output_dir / 'export'}"
+            f"exported to {result.export_dir}"
         )
-        if trainer.final_knn is not None:
-            baseline = f"{trainer.initial_knn:.1%} at initialisation -> " if trainer.initial_knn is not None else ""
-            print(f"kNN top-1 (k={config.monitor.k}) on {config.monitor.source}: {baseline}{trainer.final_knn:.1%} exported")
-        if trainer.push_result is not None:
-            print(f"pushed to {trainer.push_result.repo_url}: {trainer.push_result.pr_url or trainer.push_result.commit_url}")
-        elif trainer.push_error is not None:
-            print(f"push to {config.hub.repo_id} failed: {trainer.push_error}; the export is kept. "
+        if result.final_knn is not None:
+            baseline = f"{result.initial_knn:.1%} at initialisation -> " if result.initial_knn is not None else ""
+            print(f"kNN top-1 (k={config.monitor.k}) on {config.monitor.source}: {baseline}{result.final_knn:.1%} exported")
+        if pusher is not None and pusher.result is not None:
+            print(f"pushed to {pusher.result.repo_url}: {pusher.result.pr_url or pusher.result.commit_url}")
+        elif pusher is not None and pusher.error is not None:
+            print(f"push to {config.hub.repo_id} failed: {pusher.error}; the export is kept. "
                   f"Retry with: dinov2-hf push {trainer.output_dir} {config.hub.repo_id}")
             raise SystemExit(1)
 
@@ -172,28 +175,14 @@ def _let_arrow_threads_finish() -> None:
     time.sleep(datasets_config.SLEEP_TIME_ON_THREADS_SHUTDOWN)
 
 
-def _load_image(name: str):
-    from PIL import Image
-
-    path = Path(name)
-    if path.is_file():
-        from .data import open_rgb
-
-        return open_rgb(path)
-    if name in ("china.jpg", "flower.jpg"):
-        from sklearn.datasets import load_sample_image
-
-        return Image.fromarray(load_sample_image(name))
-    raise FileNotFoundError(f"Image {name!r} is neither a file nor a built-in sample (china.jpg, flower.jpg).")
-
-
 def run_demo(args: argparse.Namespace) -> dict:
     import torch
 
+    from .data import load_image
     from .modeling import dinov2_image_processor
     from .modeling.loading import load_backbone
 
-    image = _load_image(args.image)
+    image = load_image(args.image)
     model, description = load_backbone(args.model, args.preset)
     processor = dinov2_image_processor()
     pixel_values = processor(image, return_tensors="pt")["pixel_values"]

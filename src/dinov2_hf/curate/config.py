@@ -114,7 +114,7 @@ class CurateConfig:
     output: OutputSettings = field(default_factory=OutputSettings)
     seed: int = 0
 
-    def validate(self) -> "CurateConfig":
+    def validate(self) -> CurateConfig:
         """Check values that the types alone cannot; raise :class:`ConfigError` naming key and fix."""
         if not self.pool.source:
             raise ConfigError("pool.source is empty: give the uncurated images (folder, parquet/tar files or a Hub id).")

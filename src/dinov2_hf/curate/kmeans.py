@@ -116,7 +116,7 @@ class ClusterTree:
         return arrays
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "ClusterTree":
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ClusterTree:
         levels = sum(1 for name in arrays if name.startswith("parents_"))
         return cls(
             parents=[arrays[f"parents_{level}"] for level in range(levels)],

@@ -1,5 +1,5 @@
-"""Data: robust image decoding (multi-crop, masking and streaming sources come with the trainer)."""
+"""Data: image decoding, streaming sources, multi-crop transforms, iBOT masking and collation."""
 
-from .decode import ImageDecodeError, open_rgb
+from .decode import ImageDecodeError, load_image, open_rgb
 
-__all__ = ["ImageDecodeError", "open_rgb"]
+__all__ = ["ImageDecodeError", "load_image", "open_rgb"]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ssl.masking import MaskingGenerator, stratified_masks
+from .masking import MaskingGenerator, stratified_masks
 
 
 @dataclass
@@ -46,7 +46,7 @@ class MultiCropCollator:
 
     @staticmethod
     def stack(samples: list[dict]) -> dict:
-        """Crops (crop-major), labels and skipped-image counts; no masks."""
+        """Crops (crop-major), labels, skipped-image counts and stream positions (``worker``, ``rows``); no masks."""
         if not samples:
             raise ValueError("Cannot collate an empty batch.")
         n_global, n_local = len(samples[0]["global_crops"]), len(samples[0]["local_crops"])
@@ -55,7 +55,7 @@ class MultiCropCollator:
             torch.stack([s["local_crops"][i] for i in range(n_local) for s in samples]) if n_local else global_crops[:0]
         )
         batch = {"global_crops": global_crops, "local_crops": local_crops}
-        for key in ("labels", "skipped"):
+        for key in ("labels", "skipped", "worker", "rows"):
             if key in samples[0]:
                 batch[key] = torch.tensor([s[key] for s in samples])
         return batch

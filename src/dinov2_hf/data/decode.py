@@ -52,3 +52,18 @@ def open_rgb(source: str | Path | bytes | Image.Image) -> Image.Image:
         high = array.max() or 1.0
         return Image.fromarray((array / high * 255).astype("uint8")).convert("RGB")
     return image.convert("RGB") if image.mode != "RGB" else image
+
+
+SAMPLE_IMAGES = ("china.jpg", "flower.jpg")  # scikit-learn's sample photographs: real images without a download
+
+
+def load_image(name: str | Path) -> Image.Image:
+    """An RGB image from a file, or one of scikit-learn's sample images by name (``china.jpg``, ``flower.jpg``)."""
+    path = Path(name)
+    if path.is_file():
+        return open_rgb(path)
+    if str(name) in SAMPLE_IMAGES:
+        from sklearn.datasets import load_sample_image
+
+        return Image.fromarray(load_sample_image(str(name)))
+    raise FileNotFoundError(f"Image {str(name)!r} is neither a file nor a built-in sample ({', '.join(SAMPLE_IMAGES)}).")

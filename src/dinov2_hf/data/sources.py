@@ -151,35 +151,64 @@ def image_source(value):
     return value
 
 
-class MultiCropStream(torch.utils.data.IterableDataset):
-    """Decode + multi-crop geometry over a streaming dataset, skipping and counting bad images."""
+def example_seed(seed: int, worker: int, row: int) -> int:
+    """The crop seed of row ``row`` (1-based) of DataLoader worker ``worker``'s stream in a pass seeded ``seed``."""
+    return (seed << 48) + (worker << 40) + row
 
-    def __init__(self, stream: IterableDataset, transform, image_column: str = "image", label_column: str | None = None) -> None:
+
+class MultiCropStream(torch.utils.data.IterableDataset):
+    """Decode + multi-crop geometry over a streaming dataset, skipping and counting bad images.
+
+    With ``seed``, each row's crops are drawn from :func:`example_seed` (seed, worker, row), so they do not
+    depend on the rows before it, and a worker skips its first ``skip_rows[worker]`` rows without decoding
+    them: a resumed pass continues where it stopped at the cost of reading, not decoding, what it skips.
+    Samples carry ``worker`` and ``rows``, the rows its stream had given once the sample was made
+    (see ``data.position``).
+    """
+
+    def __init__(
+        self,
+        stream: IterableDataset,
+        transform,
+        image_column: str = "image",
+        label_column: str | None = None,
+        seed: int | None = None,
+        skip_rows: list[int] | tuple[int, ...] = (),
+    ) -> None:
         super().__init__()
         self.stream, self.transform = stream, transform
         self.image_column, self.label_column = image_column, label_column
+        self.seed, self.skip_rows = seed, list(skip_rows)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle the stream (shards and buffer) for a new epoch."""
         self.stream.set_epoch(epoch)
 
     def __iter__(self):
-        # Each yielded sample carries the bad images met since the previous one; a sample is held
-        # back until the next good image (or the end) so that trailing bad images are counted too.
-        pending, skipped = None, 0
-        for example in self.stream:
+        # Each yielded sample carries the bad images met after it (up to the next good one); a sample is
+        # held back until the next good image (or the end) so that trailing bad images are counted too.
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        skip = self.skip_rows[worker] if worker < len(self.skip_rows) else 0
+        pending, skipped, row = None, 0, 0
+        for row, example in enumerate(self.stream, start=1):
+            if row <= skip:
+                continue  # consumed before a resume: read, not decoded
             try:
                 image = open_rgb(image_source(example[self.image_column]))
             except ImageDecodeError:
                 skipped += 1
                 continue
             if pending is not None:
-                pending["skipped"] = skipped
+                pending["skipped"], pending["rows"] = skipped, row - 1
                 skipped = 0
                 yield pending
+            if self.seed is not None:
+                self.transform.rng.seed(example_seed(self.seed, worker, row))
             pending = self.transform(image)
+            pending["worker"] = worker
             if self.label_column is not None:
                 pending["labels"] = example[self.label_column]
         if pending is not None:
-            pending["skipped"] = skipped
+            pending["skipped"], pending["rows"] = skipped, row
             yield pending

@@ -72,8 +72,8 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
 class MultiCropGeometry:
     """Per-image geometric part of the multi-crop: crops + flips, as uint8 (3, S, S) tensors."""
 
-    def __init__(self, settings: CropSettings = CropSettings(), seed: int | None = None) -> None:
-        self.settings = settings
+    def __init__(self, settings: CropSettings | None = None, seed: int | None = None) -> None:
+        self.settings = settings if settings is not None else CropSettings()
         self.rng = random.Random(seed)
 
     def _crop(self, image: Image.Image, size: int, scale: tuple[float, float]) -> torch.Tensor:
@@ -208,7 +208,7 @@ class BatchedPhotometric:
         self.mean, self.std = mean, std
 
     @classmethod
-    def for_crops(cls, global_crops_size: int, blur: str = "intended", blur_reference_size: int = 0) -> "BatchedPhotometric":
+    def for_crops(cls, global_crops_size: int, blur: str = "intended", blur_reference_size: int = 0) -> BatchedPhotometric:
         """The recipe's augmentation: ``blur_reference_size`` > 0 scales the blur by ``global_crops_size /
         blur_reference_size`` (224 for the official parameters); 0 keeps the official 224-px blur at any size."""
         scale = global_crops_size / blur_reference_size if blur_reference_size else 1.0

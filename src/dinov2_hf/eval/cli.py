@@ -86,10 +86,10 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.crop_size > args.resize_size:
         raise ValueError(f"--crop-size {args.crop_size} is larger than --resize-size {args.resize_size}.")
     if args.task == "visualize":
-        from ..cli import _load_image
+        from ..data.decode import load_image
 
         for name in args.images:
-            _load_image(name)  # raises FileNotFoundError naming the image
+            load_image(name)  # raises FileNotFoundError naming the image
         return
     if not args.dataset:
         raise ValueError(f"{args.task} needs --dataset (a folder, parquet/tar file or glob, or Hub dataset id).")
@@ -179,10 +179,10 @@ def run_eval(args: argparse.Namespace) -> dict:
 
 
 def _visualize(args: argparse.Namespace, model, description: str) -> dict:
-    from ..cli import _load_image
+    from ..data.decode import load_image
     from .visualize import save_figures
 
-    written = save_figures(model, [_load_image(name) for name in args.images], args.output_dir, size=args.crop_size)
+    written = save_figures(model, [load_image(name) for name in args.images], args.output_dir, size=args.crop_size)
     record = {"task": "visualize", "model": description, "images": args.images,
               "figures": {kind: [str(path) for path in paths] for kind, paths in written.items()}}
     Path(args.output).write_text(json.dumps(record, indent=2))
@@ -196,8 +196,17 @@ def _visualize(args: argparse.Namespace, model, description: str) -> dict:
 def _dense(args: argparse.Namespace, model, device: str) -> tuple[dict, dict]:
     """Linear segmentation / depth head on the last block's patch tokens of square-resized images."""
     from ..data.sources import load_image_stream
-    from .dense import (HeadTraining, depth_metrics, load_dense_split, patch_feature_maps, predict, segmentation_metrics,
-                        to_pixel_values, train_depth_head, train_segmentation_head)
+    from .dense import (
+        HeadTraining,
+        depth_metrics,
+        load_dense_split,
+        patch_feature_maps,
+        predict,
+        segmentation_metrics,
+        to_pixel_values,
+        train_depth_head,
+        train_segmentation_head,
+    )
 
     kind, column = ("mask", args.mask_column) if args.task == "segmentation" else ("depth", args.depth_column)
     splits = {}

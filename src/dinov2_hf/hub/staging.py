@@ -20,11 +20,15 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME, SAFE_WEIGHTS_NAME
+
+from ..training import run_dir
+from ..training.run_dir import OURS_FORMAT, STOCK_FORMAT, RunDir
+
 FORMATS = ("stock", "ours", "both")
-OURS_SUBFOLDER = "dinov2_hf"
+OURS_SUBFOLDER = OURS_FORMAT  # our format's folder in a "both" repo, named like the run's export subfolder
 PCA_IMAGE = "pca_features.png"
-HEADS_FILE = "heads.safetensors"  # the EMA heads beside our backbone: ssl.distill.load_teacher reads them
-BACKBONE_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+BACKBONE_FILES = (CONFIG_NAME, SAFE_WEIGHTS_NAME, IMAGE_PROCESSOR_NAME)
 
 
 @dataclass
@@ -33,7 +37,7 @@ class RunSource:
 
     exports: dict[str, Path] = field(default_factory=dict)  # "transformers" / "dinov2_hf" -> folder
     checkpoint: Path | None = None
-    run_dir: Path | None = None
+    run: RunDir | None = None
     config: object | None = None  # TrainConfig
     steps: int | None = None
     last_record: dict | None = None
@@ -41,7 +45,7 @@ class RunSource:
 
 
 def _model_type(folder: Path) -> str | None:
-    config = folder / "config.json"
+    config = folder / CONFIG_NAME
     return json.loads(config.read_text()).get("model_type") if config.is_file() else None
 
 
@@ -49,118 +53,63 @@ def _format_of(folder: Path) -> str | None:
     model_type = _model_type(folder)
     if model_type is None:
         return None
-    return "dinov2_hf" if model_type == "dinov2_hf" else "transformers"
+    return OURS_FORMAT if model_type == "dinov2_hf" else STOCK_FORMAT
 
 
 def resolve_source(source: str | Path) -> RunSource:
     """Find the exports, checkpoint and recipe of SOURCE: a run's output_dir, its ``export/`` folder, one
     export subfolder, or a ``checkpoint-<step>`` folder. Raises FileNotFoundError naming what is expected."""
-    from ..training.checkpoint import latest_checkpoint
-
     path = Path(source)
+    expected = "pass a run's output_dir, its export/ folder, an export subfolder or a checkpoint-<step> folder"
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a folder: pass a run's output_dir, its export/ folder, an export subfolder or a checkpoint-<step> folder.")
+        raise FileNotFoundError(f"{path} is not a folder: {expected}.")
     found = RunSource()
-    if (path / "trainer_state.json").is_file():  # a checkpoint: exported later, into the staging folder
-        found.checkpoint = path
-        found.run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-    elif (path / "export").is_dir():
-        found.run_dir, export = path, path / "export"
-    elif (path / "transformers").is_dir() or (path / OURS_SUBFOLDER).is_dir():
-        found.run_dir, export = path.parent, path
+    if run_dir.is_checkpoint(path):  # a checkpoint: exported later, into the staging folder
+        found.checkpoint, found.run = path, RunDir.of_checkpoint(path)
+    elif RunDir(path).export.is_dir():
+        found.run = RunDir(path)
+        export = found.run.export
+    elif any((path / fmt).is_dir() for fmt in run_dir.EXPORT_FORMATS):
+        found.run, export = RunDir(path.parent), path
     elif _format_of(path):
         export = path.parent
         found.exports[_format_of(path)] = path
-        found.run_dir = path.parent.parent if export.name == "export" else None
+        found.run = RunDir(export.parent) if export.name == run_dir.EXPORT_DIR else None
     else:
         raise FileNotFoundError(
-            f"{path} holds no export (transformers/ or dinov2_hf/ with config.json), no export/ folder and no "
-            "checkpoint (trainer_state.json): pass a run's output_dir, its export/ folder, an export subfolder or a checkpoint-<step> folder."
+            f"{path} holds no export ({STOCK_FORMAT}/ or {OURS_FORMAT}/ with {CONFIG_NAME}), no {run_dir.EXPORT_DIR}/ "
+            f"folder and no checkpoint ({run_dir.TRAINER_STATE_FILE}): {expected}."
         )
     if found.checkpoint is None:
+        # the run's exports (or, given one export subfolder, its sibling in the other format)
+        for fmt in run_dir.EXPORT_FORMATS:
+            if fmt not in found.exports and _format_of(export / fmt) == fmt:
+                found.exports[fmt] = export / fmt
+        if found.run is not None:
+            found.checkpoint = found.run.latest()
         if not found.exports:
-            found.exports = {fmt: export / fmt for fmt in ("transformers", OURS_SUBFOLDER) if _format_of(export / fmt) == fmt}
-        else:  # one export subfolder: its sibling in the other format, when the run wrote both
-            for fmt in ("transformers", OURS_SUBFOLDER):
-                if fmt not in found.exports and _format_of(export / fmt) == fmt:
-                    found.exports[fmt] = export / fmt
-        if found.run_dir is not None:
-            found.checkpoint = latest_checkpoint(found.run_dir / "checkpoints")
-        if not found.exports:
-            raise FileNotFoundError(f"{path}: no exported backbone (config.json) found.")
+            raise FileNotFoundError(f"{path}: no exported backbone ({CONFIG_NAME}) found.")
     _read_run_records(found)
     return found
 
 
 def _read_run_records(found: RunSource) -> None:
     """Recipe, step, compute and last metrics of the checkpoint and its run, when present."""
-    from ..ssl.distill import TEACHER_CONFIG
-    from ..training.config import load_train_config
-
     checkpoint = found.checkpoint
-    if checkpoint is not None and (checkpoint / TEACHER_CONFIG).is_file():
-        found.config = load_train_config(checkpoint / TEACHER_CONFIG)
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
+    if checkpoint is not None and run_dir.has_recipe(checkpoint):
+        found.config = run_dir.read_recipe(checkpoint)
+        state = run_dir.read_trainer_state(checkpoint)
         found.steps = state["step"]
         found.compute = {k: state[k] for k in ("num_processes", "device", "mixed_precision", "train_seconds") if k in state}
-    metrics = found.run_dir / "metrics.jsonl" if found.run_dir is not None else None
-    if metrics is not None and metrics.is_file():
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        if found.steps is not None:
-            records = [r for r in records if r["step"] < found.steps]
+    if found.run is not None:
+        records = found.run.read_metrics(before_step=found.steps)
         found.last_record = records[-1] if records else None
-
-
-def _sharded_state(folder: Path, prefix: str) -> dict:
-    """The full tensors under ``model.<prefix>`` of an FSDP2 checkpoint's DCP folder, read in this one
-    process (DCP needs no process group to read; shapes and dtypes come from its metadata)."""
-    import warnings
-
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-
-    metadata = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-    wanted = {key[len("model."):]: entry for key, entry in metadata.items() if key.startswith(f"model.{prefix}")}
-    state = {"model": {key: torch.empty(entry.size, dtype=entry.properties.dtype) for key, entry in wanted.items()}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "no process group": reading in one process is what we want
-        dcp.load(state, checkpoint_id=str(folder))
-    return state["model"]
-
-
-def checkpoint_backbone(checkpoint: Path, config) -> tuple[object, dict, int]:
-    """The exported backbone of a checkpoint (the EMA: teacher, or the distilled student's EMA), its
-    other EMA weights (DINO/iBOT heads or distillation projections) and the final global crop size.
-    Reads ``model.safetensors``, or the ``sharded/`` DCP folder of an FSDP2 run."""
-    from safetensors import safe_open
-
-    from ..modeling import Dinov2HFModel
-    from ..ssl.meta_arch import build_student_config
-    from ..training.parallel import SHARDED_DIR
-
-    ema = "student_ema" if config.distill.teacher else "teacher"
-    if (checkpoint / "model.safetensors").is_file():
-        with safe_open(checkpoint / "model.safetensors", framework="pt") as file:  # the EMA part only
-            state = {key: file.get_tensor(key) for key in file.keys() if key.startswith(f"{ema}.")}
-    elif (checkpoint / SHARDED_DIR).is_dir():
-        state = _sharded_state(checkpoint / SHARDED_DIR, f"{ema}.")
-    else:
-        raise FileNotFoundError(f"{checkpoint} has neither model.safetensors nor {SHARDED_DIR}/: not a complete checkpoint.")
-    backbone = Dinov2HFModel(build_student_config(config))
-    prefix = f"{ema}.backbone."
-    backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
-    heads = {k[len(ema) + 1:]: v for k, v in state.items() if k.startswith(f"{ema}.") and not k.startswith(prefix)}
-    steps = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
-    adapted = config.adaptation.steps and steps > config.main_steps
-    crop = config.adaptation.global_crops_size if adapted else config.crops.global_crops_size
-    return backbone.eval(), heads, crop
 
 
 def _copy_backbone(source: Path, destination: Path, export_format: str) -> None:
     destination.mkdir(parents=True, exist_ok=True)
     names = list(BACKBONE_FILES)
-    if export_format == OURS_SUBFOLDER:
+    if export_format == OURS_FORMAT:
         names += [p.name for p in source.glob("*.py")]
     for name in names:
         if not (source / name).is_file():
@@ -169,7 +118,7 @@ def _copy_backbone(source: Path, destination: Path, export_format: str) -> None:
 
 
 def _crop_size(folder: Path) -> int:
-    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    processor = json.loads((folder / IMAGE_PROCESSOR_NAME).read_text())
     crop = processor.get("crop_size", 224)
     return crop["height"] if isinstance(crop, dict) else int(crop)
 
@@ -207,14 +156,15 @@ def _stage_backbones(run: RunSource, stock_dir: Path | None, ours_dir: Path | No
 
     backbone, heads, crop = None, {}, None
     if run.checkpoint is not None and run.config is not None:
-        backbone, heads, crop = checkpoint_backbone(run.checkpoint, run.config)
+        ema = run_dir.read_ema(run.checkpoint, run.config)
+        backbone, heads, crop = ema.backbone, ema.heads, ema.crop_size
     elif not run.exports:
         raise FileNotFoundError(
-            f"{run.checkpoint} has no train_config.yaml (checkpoints carry it since distillation support): "
+            f"{run.checkpoint} has no {run_dir.CONFIG_FILE} (checkpoints carry it since distillation support): "
             "push the run's export/ folder instead."
         )
     try:
-        for export_format, target in (("transformers", stock_dir), (OURS_SUBFOLDER, ours_dir)):
+        for export_format, target in ((STOCK_FORMAT, stock_dir), (OURS_FORMAT, ours_dir)):
             if target is None:
                 continue
             if export_format in run.exports:  # the run's own export, as written at the end of training
@@ -223,16 +173,16 @@ def _stage_backbones(run: RunSource, stock_dir: Path | None, ours_dir: Path | No
             if backbone is None:  # only the other format was exported: convert it
                 other = next(iter(run.exports.values()))
                 backbone, crop = load_backbone(other)[0], _crop_size(other)
-            save = export_transformers if export_format == "transformers" else save_ours
+            save = export_transformers if export_format == STOCK_FORMAT else save_ours
             save(backbone, scratch / export_format, crop_size=crop)
             _copy_backbone(scratch / export_format, target, export_format)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if ours_dir is not None:
         if heads:
-            save_file({k: v.contiguous() for k, v in heads.items()}, str(ours_dir / HEADS_FILE))
-        if run.checkpoint is not None and (run.checkpoint / "train_config.yaml").is_file():
-            shutil.copy2(run.checkpoint / "train_config.yaml", ours_dir / "train_config.yaml")
+            save_file({k: v.contiguous() for k, v in heads.items()}, str(ours_dir / run_dir.HEADS_FILE))
+        if run.checkpoint is not None and run_dir.has_recipe(run.checkpoint):
+            shutil.copy2(run.checkpoint / run_dir.CONFIG_FILE, ours_dir / run_dir.CONFIG_FILE)
 
 
 def _eval_results(run: RunSource, records: list[dict]) -> list:
@@ -269,7 +219,7 @@ def stage_upload(
 
     from ..eval.visualize import pca_figure
     from ..modeling.loading import load_backbone
-    from ..training.model_card import model_card
+    from .model_card import model_card
 
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}.")
@@ -286,10 +236,10 @@ def stage_upload(
     model, _ = load_backbone(ours_dir or stock_dir)
     pca_figure(model, Image.fromarray(load_sample_image("china.jpg"))).save(folder / PCA_IMAGE)
     card = model_card(
-        repo_id or str(folder), "dinov2_hf" if fmt == "ours" else "transformers", config=run.config, steps=run.steps,
+        repo_id or str(folder), OURS_FORMAT if fmt == "ours" else STOCK_FORMAT, config=run.config, steps=run.steps,
         last_record=run.last_record, compute=run.compute, eval_results=_eval_results(run, records),
         model_name=repo_id.split("/")[-1] if repo_id else None, pca_image=PCA_IMAGE,
-        subfolders={"dinov2_hf": OURS_SUBFOLDER} if fmt == "both" else None,
+        subfolders={OURS_FORMAT: OURS_SUBFOLDER} if fmt == "both" else None,
     )
     card.save(folder / "README.md")
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())

@@ -1,8 +1,8 @@
 """The DINOv2 backbone as transformers models, its image processor and checkpoint conversion."""
 
 from .configuration_dinov2_hf import PRESETS, Dinov2HFConfig
-from .modeling_dinov2_hf import Dinov2HFBackbone, Dinov2HFModel, Dinov2HFModelOutput, Dinov2HFPreTrainedModel
 from .loading import load_backbone
+from .modeling_dinov2_hf import Dinov2HFBackbone, Dinov2HFModel, Dinov2HFModelOutput, Dinov2HFPreTrainedModel
 from .processor import dinov2_image_processor
 
 __all__ = [

@@ -141,7 +141,7 @@ class Dinov2HFConfig(BackboneConfigMixin, PretrainedConfig):
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "Dinov2HFConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> Dinov2HFConfig:
         """Config of a named architecture: ``vits14``, ``vitb14``, ``vitl14``, ``vitg14`` or ``tiny``.
 
         Keyword arguments override preset fields, e.g.

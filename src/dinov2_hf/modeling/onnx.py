@@ -30,7 +30,6 @@ from torch import nn
 
 from .modeling_dinov2_hf import Dinov2HFEmbeddings, Dinov2HFModel
 
-
 ONNX_FILE = "model.onnx"
 INPUT_NAMES = ["pixel_values"]
 OUTPUT_NAMES = ["last_hidden_state", "pooler_output"]

@@ -1,5 +1,6 @@
-"""Training infrastructure: checkpoints (the trainer, parallelism and logging follow)."""
+"""Training: the run's on-disk format, checkpoints, parallelism, the trainer and its components."""
 
-from .checkpoint import atomic_checkpoint, latest_checkpoint, list_checkpoints, prune_checkpoints
+from .checkpoint import atomic_checkpoint, prune_checkpoints
+from .run_dir import RunDir, latest_checkpoint, list_checkpoints, read_ema
 
-__all__ = ["atomic_checkpoint", "latest_checkpoint", "list_checkpoints", "prune_checkpoints"]
+__all__ = ["RunDir", "atomic_checkpoint", "latest_checkpoint", "list_checkpoints", "prune_checkpoints", "read_ema"]

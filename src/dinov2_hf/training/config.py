@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Literal
 
 from ..data.sources import DataSettings
-from ..ssl.config import SSLConfig, TrainSettings, load_recipe
-from ..ssl.schedules import ScheduleConfig
+from ..objective.config import SSLConfig, TrainSettings, load_recipe
+from ..objective.schedules import ScheduleConfig
 
 
 @dataclass
@@ -123,13 +123,9 @@ class HubSettings:
     commit_message: str = ""
 
     def __post_init__(self) -> None:
-        if not self.push_to_hub:
-            return
-        if not self.repo_id:
+        # The repo id's validity and the token are checked where the run starts (``hub.training.PushToHub``).
+        if self.push_to_hub and not self.repo_id:
             raise ValueError("push_to_hub=true needs hub.repo_id (e.g. hub.repo_id=my-user/dinov2-small-cifar).")
-        from ..hub.push import check_target
-
-        check_target(self.repo_id, self.revision or None, self.create_pr)
 
 
 @dataclass

@@ -1,8 +1,7 @@
-"""The DINOv2 self-supervised objective: heads, masking, meta-architecture, schedules, parameter groups."""
+"""The DINOv2 self-supervised objective: heads, meta-architecture, schedules, parameter groups."""
 
 from .config import CropsSettings, DinoSettings, IbotSettings, ModelSettings, OptimSettings, SSLConfig
 from .heads import DINOHead
-from .masking import MaskingGenerator, stratified_masks
 from .meta_arch import SSLMetaArch, build_student_config
 from .param_groups import apply_schedules, param_groups
 from .schedules import CosineScheduler, ScheduleConfig, build_schedules
@@ -13,7 +12,6 @@ __all__ = [
     "DINOHead",
     "DinoSettings",
     "IbotSettings",
-    "MaskingGenerator",
     "ModelSettings",
     "OptimSettings",
     "SSLConfig",
@@ -23,5 +21,4 @@ __all__ = [
     "build_schedules",
     "build_student_config",
     "param_groups",
-    "stratified_masks",
 ]

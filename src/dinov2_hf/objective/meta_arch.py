@@ -28,7 +28,6 @@ from ..modeling import Dinov2HFConfig, Dinov2HFModel
 from .config import SSLConfig
 from .heads import DINOHead
 
-
 # Collapse thresholds of the health metrics (teacher entropies relative to log K; CLS spread).
 FLAT_ENTROPY, ONE_PROTOTYPE_ENTROPY, FLAT_FEATURES_STD = 0.99, 0.05, 0.05
 
@@ -86,7 +85,7 @@ class StudentWithEMA(nn.Module):
             if isinstance(module, SoftmaxCenter):
                 module.apply_pending_update()
 
-    def compile_blocks(self, **compile_kwargs) -> "StudentWithEMA":
+    def compile_blocks(self, **compile_kwargs) -> StudentWithEMA:
         """torch.compile every transformer block of every part (student, teacher, EMA copies), in place.
 
         Block-wise rather than whole-model: the packed student pass has one token layout per step,
@@ -100,7 +99,7 @@ class StudentWithEMA(nn.Module):
                 layer.compile(**compile_kwargs)
         return self
 
-    def train(self, mode: bool = True) -> "StudentWithEMA":
+    def train(self, mode: bool = True) -> StudentWithEMA:
         super().train(mode)
         for part in self.parts():
             if part is not self.student:

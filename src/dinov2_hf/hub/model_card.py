@@ -12,6 +12,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..config_utils import to_dict
+from ..training import run_dir
 
 TAGS = ["dinov2", "self-supervised-learning", "vision", "image-feature-extraction", "dinov2_hf"]
 # Files of a local copy of a Hub repo live under .../models--<namespace>--<name>/snapshots/<sha>/.
@@ -63,9 +64,8 @@ def teacher_repo_id(teacher: str) -> str | None:
     if is_hub_id(teacher):
         return teacher
     folder = Path(teacher)
-    recipe = folder / "train_config.yaml"
-    if recipe.is_file():
-        hub = (yaml.safe_load(recipe.read_text()) or {}).get("hub") or {}
+    if run_dir.has_recipe(folder):  # raw YAML: a recipe of another version must not stop the card
+        hub = (yaml.safe_load((folder / run_dir.CONFIG_FILE).read_text()) or {}).get("hub") or {}
         if hub.get("push_to_hub") and is_hub_id(hub.get("repo_id")):
             return hub["repo_id"]
     for parent in (folder.resolve(), *folder.resolve().parents):

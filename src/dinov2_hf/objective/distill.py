@@ -1,7 +1,7 @@
 r"""Distillation of a trained DINOv2 teacher into a smaller student, as in the DINOv2 paper (Sec. 5).
 
-The teacher is a frozen model *with its heads* (the EMA teacher of one of our training checkpoints).
-The student has its own backbone and heads (same prototype count as the teacher's) and is trained with
+The teacher is a frozen model *with its heads* (the EMA teacher of one of our training checkpoints, read by
+``training.build.load_teacher``). The student has its own backbone and heads (same prototype count as the teacher's) and is trained with
 the usual DINO and KoLeo terms against the teacher's centred targets; as in the paper, masking and
 stochastic depth are off and the iBOT term is applied to *every* patch of the two global crops (the
 student sees them unmasked). A spare EMA of the student is kept and is the model exported.
@@ -13,53 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ..data.collate import MultiCropCollator
-from ..hub.staging import HEADS_FILE as PUBLISHED_HEADS  # beside the backbone in a pushed repo's dinov2_hf/
-from ..hub.staging import checkpoint_backbone
 from ..modeling import Dinov2HFModel
 from .config import SSLConfig
 from .meta_arch import SSLMetaArch, StudentWithEMA, build_student_config
-
-TEACHER_CONFIG = "train_config.yaml"  # written into every training checkpoint
-
-
-def load_teacher(checkpoint: str | Path) -> tuple[nn.ModuleDict, SSLConfig]:
-    """The frozen EMA teacher (backbone + heads) and its recipe, from one of our training checkpoints
-    (``model.safetensors`` or an FSDP2 run's ``sharded/``; of a distillation run: its student's EMA, which
-    teaches on, g -> L -> S) or from a published ``dinov2_hf/`` folder (``dinov2-hf push``: backbone
-    weights, ``heads.safetensors``, recipe)."""
-    from ..training.config import load_train_config
-    from ..training.parallel import SHARDED_DIR
-
-    folder = Path(checkpoint)
-    has_weights = (folder / "model.safetensors").is_file() or (folder / SHARDED_DIR).is_dir()
-    if not (folder / TEACHER_CONFIG).is_file() or not has_weights:
-        raise FileNotFoundError(
-            f"distill.teacher={folder} is not a training checkpoint of ours (needs {TEACHER_CONFIG} and model.safetensors "
-            f"or {SHARDED_DIR}/): pass an output_dir/checkpoints/checkpoint-<step> folder of a dinov2_hf run, or the "
-            "dinov2_hf/ folder of a pushed repo."
-        )
-    config = load_train_config(folder / TEACHER_CONFIG)
-    arch = SSLMetaArch(config)
-    if (folder / PUBLISHED_HEADS).is_file():
-        state = {f"backbone.{k}": v for k, v in load_file(folder / "model.safetensors").items()}
-        state.update(load_file(folder / PUBLISHED_HEADS))
-    else:
-        backbone, heads, _ = checkpoint_backbone(folder, config)  # the run's exported EMA and its heads
-        if not any(name.startswith("dino_head.") for name in heads):
-            raise ValueError(
-                f"distill.teacher={folder} is a headless distillation checkpoint (projections, no DINO heads): "
-                "use its export (output_dir/export/transformers) as a headless teacher instead."
-            )
-        state = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()}, **heads}
-    arch.teacher.load_state_dict(state, strict=True)
-    return arch.teacher, config
 
 
 def frozen_teacher_precision(teacher: nn.Module) -> contextlib.AbstractContextManager:

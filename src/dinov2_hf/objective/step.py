@@ -34,14 +34,16 @@ def training_step(
     model: Callable | None = None,
     backward: Callable[[torch.Tensor], None] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> dict[str, float]:
     """Schedules -> forward -> backward -> per-module clipping -> optimizer step -> EMA teacher.
 
     ``batch`` may be a list of micro-batches (gradient accumulation): each runs forward and backward
     with its loss divided by their number, then one clipping, optimizer step and EMA update follow;
-    the returned losses and metrics are their means. ``model``, ``backward`` and ``autocast`` default
-    to plain PyTorch; the trainer passes Accelerate's wrapped model, ``accelerator.backward`` and
-    ``accelerator.autocast``. Returns the losses, health metrics, gradient norms and schedule values
+    the returned losses and metrics are their means; ``no_sync`` (e.g. ``training.parallelize.no_gradient_sync``)
+    is entered around every micro-batch but the last, so that data-parallel gradients are reduced once per
+    optimizer step. ``model``, ``backward`` and ``autocast`` default to plain PyTorch; the trainer passes
+    Accelerate's wrapped model, ``accelerator.backward`` and ``accelerator.autocast``. Returns the losses, health metrics, gradient norms and schedule values
     as floats.
     """
     micro_batches = batch if isinstance(batch, list) else [batch]
@@ -49,15 +51,18 @@ def training_step(
     apply_schedules(optimizer, values["lr"], values["weight_decay"], values["last_layer_lr"])
     optimizer.zero_grad(set_to_none=True)
     outputs = []
-    for micro_batch in micro_batches:
+    for index, micro_batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
         if autocast is None:
             device_type = micro_batch["global_crops"].device.type
             context = torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)
         else:
             context = autocast()
-        with context:
-            out = (model or arch)(micro_batch, teacher_temp=values["teacher_temp"])
-        (backward or torch.Tensor.backward)(out["loss"] / len(micro_batches))
+        with sync:
+            with context:
+                out = (model or arch)(micro_batch, teacher_temp=values["teacher_temp"])
+            (backward or torch.Tensor.backward)(out["loss"] / len(micro_batches))
         outputs.append({k: v.detach() for k, v in out.items()})
     grad_norms = arch.clip_gradients(clip_grad)
     optimizer.step()
