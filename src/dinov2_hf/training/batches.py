@@ -61,6 +61,9 @@ class Batches:
             collate_fn=MultiCropCollator.stack,
             drop_last=True,
             pin_memory=torch.cuda.is_available(),
+            # Its own generator: creating the iterator draws a base seed, which must not come from the global RNG
+            # (drop path draws from it, and a resumed pass creates its iterator at another point of the run).
+            generator=torch.Generator().manual_seed(seed),
         )
         return continue_in_order(loader, workers, position.last_worker if position is not None else None)
 
