@@ -32,7 +32,7 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dinov2_hf.data import open_rgb  # noqa: E402
-from dinov2_hf.data.transforms import BatchedPhotometric, CropSettings, MultiCropGeometry, random_resized_crop_box  # noqa: E402
+from dinov2_hf.data.transforms import BatchedPhotometric, MultiCropGeometry, MultiCropSettings, random_resized_crop_box  # noqa: E402
 from dinov2_hf.modeling.processor import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def sample_images(kind: str, count: int) -> list[bytes]:
 class PILBaseline:
     """The per-crop PIL pipeline (torchvision semantics, one crop at a time)."""
 
-    def __init__(self, settings: CropSettings, seed: int) -> None:
+    def __init__(self, settings: MultiCropSettings, seed: int) -> None:
         self.settings = settings
         self.rng = random.Random(seed)
         self.mean = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
@@ -112,7 +112,7 @@ class PILBaseline:
 
 
 class OursDataset(torch.utils.data.Dataset):
-    def __init__(self, images: list[bytes], settings: CropSettings, seed: int) -> None:
+    def __init__(self, images: list[bytes], settings: MultiCropSettings, seed: int) -> None:
         self.images, self.geometry = images, MultiCropGeometry(settings, seed=seed)
 
     def __len__(self) -> int:
@@ -123,7 +123,7 @@ class OursDataset(torch.utils.data.Dataset):
 
 
 class BaselineDataset(torch.utils.data.Dataset):
-    def __init__(self, images: list[bytes], settings: CropSettings, seed: int) -> None:
+    def __init__(self, images: list[bytes], settings: MultiCropSettings, seed: int) -> None:
         self.images, self.pipeline = images, PILBaseline(settings, seed)
 
     def __len__(self) -> int:
@@ -216,7 +216,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    settings = CropSettings(global_crops_size=args.global_size, local_crops_size=args.local_size)
+    settings = MultiCropSettings(global_crops_size=args.global_size, local_crops_size=args.local_size)
     images = sample_images(args.images, args.count + args.batch_size)
     photometric = BatchedPhotometric()
     results = {}

@@ -26,9 +26,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dinov2_hf.data.collate import MultiCropCollator  # noqa: E402
+from dinov2_hf.data.transforms import MultiCropSettings  # noqa: E402
 from dinov2_hf.modeling.convert import to_transformers  # noqa: E402
 from dinov2_hf.objective import (  # noqa: E402
-    CropsSettings,
     DinoSettings,
     IbotSettings,
     ModelSettings,
@@ -56,7 +56,7 @@ class StockBackbone(nn.Module):
         return [self.model(x, bool_masked_pos=m) for x, m in zip(pixel_values, bool_masked_pos)]
 
 
-def make_arch(preset: str, crops: CropsSettings, naive: bool, device: str, tiny: bool) -> SSLMetaArch:
+def make_arch(preset: str, crops: MultiCropSettings, naive: bool, device: str, tiny: bool) -> SSLMetaArch:
     torch.manual_seed(0)
     overrides = {"hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 2, "patch_size": 8} if tiny else {}
     heads = dict(head_n_prototypes=4096, head_hidden_dim=512, head_bottleneck_dim=128) if tiny else {}
@@ -75,7 +75,7 @@ def make_arch(preset: str, crops: CropsSettings, naive: bool, device: str, tiny:
     return arch.to(device).train()
 
 
-def fake_batch(crops: CropsSettings, images: int, patch: int, device: str) -> dict:
+def fake_batch(crops: MultiCropSettings, images: int, patch: int, device: str) -> dict:
     samples = [
         {
             "global_crops": [torch.randn(3, crops.global_crops_size, crops.global_crops_size) for _ in range(2)],
@@ -121,7 +121,7 @@ def main() -> None:
     presets = args.models or (["vits14"] if args.device == "cuda" else ["vits14"])
     batch_size = args.batch or (16 if args.device == "cpu" else 64)
     steps = args.steps or (5 if args.device == "cpu" else 20)
-    crops = CropsSettings(global_crops_size=64, local_crops_size=32, local_crops_number=8) if tiny else CropsSettings()
+    crops = MultiCropSettings(global_crops_size=64, local_crops_size=32, local_crops_number=8) if tiny else MultiCropSettings()
     results = []
     for preset in presets:
         row = {"model": f"{preset}{' (tiny: width 96, 4 blocks, patch 8, 64/32 px crops)' if tiny else ''}", "images": batch_size}

@@ -28,9 +28,9 @@ from dinov2_hf.data.collate import MultiCropCollator  # noqa: E402
 from dinov2_hf.data.transforms import BatchedPhotometric, MultiCropGeometry  # noqa: E402
 from dinov2_hf.eval import knn_classify  # noqa: E402
 from dinov2_hf.objective import build_schedules, param_groups  # noqa: E402
-from dinov2_hf.objective.config import load_recipe  # noqa: E402
 from dinov2_hf.objective.meta_arch import build_meta_arch  # noqa: E402
 from dinov2_hf.objective.step import augment_batch, training_step  # noqa: E402
+from dinov2_hf.training.config import load_train_config  # noqa: E402
 
 
 def read_split(folder: Path, prefix: str) -> tuple[list[bytes], torch.Tensor]:
@@ -100,7 +100,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     epoch_length = max(args.steps // 10, 1)
-    config = load_recipe(
+    config = load_train_config(
         "cifar10",
         [f"schedule.epoch_length={epoch_length}", "schedule.epochs=10", "schedule.warmup_epochs=1",
          "schedule.warmup_teacher_temp_epochs=3", f"train.batch_size_per_device={args.batch_size}", *args.override],

@@ -15,7 +15,7 @@ from dinov2_hf.curate.config import load_curate_config
 from dinov2_hf.curate.embed import load_embeddings
 from dinov2_hf.curate.pipeline import run_curation
 from dinov2_hf.data.sources import DataSettings, MultiCropStream, load_image_stream
-from dinov2_hf.data.transforms import CropSettings, MultiCropGeometry
+from dinov2_hf.data.transforms import MultiCropGeometry, MultiCropSettings
 
 faiss.omp_set_num_threads(2)
 
@@ -69,7 +69,7 @@ def test_pipeline_output_streams_through_the_trainer_data_source(sources, cifar_
 
     # The trainer's source reads the folder; MultiCropStream decodes and crops every image.
     stream = load_image_stream(DataSettings(source=str(result.output_dir), label_column="label", shuffle_buffer=0))
-    geometry = MultiCropGeometry(CropSettings(global_crops_size=28, local_crops_size=14, local_crops_number=2), seed=0)
+    geometry = MultiCropGeometry(MultiCropSettings(global_crops_size=28, local_crops_size=14, local_crops_number=2), seed=0)
     samples = list(MultiCropStream(stream, geometry, "image", "label"))
     assert len(samples) == 130 and sum(s["skipped"] for s in samples) == 0
     rows = list(load_image_stream(DataSettings(source=str(result.output_dir), shuffle_buffer=0)))

@@ -59,11 +59,11 @@ def write_shards(cifar_dir, folder, sizes=(16, 56, 8), corrupt=(3, 20, 50)):
 def test_skipped_rows_are_not_decoded_and_the_rest_is_unchanged(cifar_dir, tmp_path, monkeypatch):
     from dinov2_hf.data import sources
     from dinov2_hf.data.sources import DataSettings, MultiCropStream, load_image_stream
-    from dinov2_hf.data.transforms import CropSettings, MultiCropGeometry
+    from dinov2_hf.data.transforms import MultiCropGeometry, MultiCropSettings
 
     data = write_shards(cifar_dir, tmp_path / "data")
     settings = DataSettings(source=str(data), label_column="label", shuffle_buffer=16)
-    crops = CropSettings(global_crops_size=16, local_crops_size=8, local_crops_number=1)
+    crops = MultiCropSettings(global_crops_size=16, local_crops_size=8, local_crops_number=1)
 
     def samples(skip=()):
         stream = load_image_stream(settings, seed=0)

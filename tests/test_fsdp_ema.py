@@ -7,14 +7,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dinov2_hf.objective import CropsSettings, DinoSettings, IbotSettings, ModelSettings, SSLConfig, SSLMetaArch
+from dinov2_hf.data.transforms import MultiCropSettings
+from dinov2_hf.objective import DinoSettings, IbotSettings, ModelSettings, SSLConfig, SSLMetaArch
 
 
 def tiny_arch() -> SSLMetaArch:
     torch.manual_seed(0)
     config = SSLConfig(
         model=ModelSettings(preset="tiny", drop_path_rate=0.0),
-        crops=CropsSettings(global_crops_size=56, local_crops_size=28, local_crops_number=2),
+        crops=MultiCropSettings(global_crops_size=56, local_crops_size=28, local_crops_number=2),
         dino=DinoSettings(head_n_prototypes=64, head_hidden_dim=32, head_bottleneck_dim=16),
         ibot=IbotSettings(head_n_prototypes=64),
     )

@@ -10,13 +10,13 @@ import torch.nn.functional as F
 
 from dinov2_hf.data.collate import MultiCropCollator
 from dinov2_hf.data.masking import MaskingGenerator, stratified_masks
+from dinov2_hf.data.transforms import MultiCropSettings
 from dinov2_hf.objective import (
-    CropsSettings,
     DINOHead,
     DinoSettings,
     IbotSettings,
     ModelSettings,
-    ScheduleConfig,
+    ScheduleSettings,
     SSLConfig,
     SSLMetaArch,
     apply_schedules,
@@ -102,7 +102,7 @@ def test_collate_rejects_bad_sizes():
 
 
 def test_schedules_hit_their_values():
-    config = ScheduleConfig(epochs=10, epoch_length=100, base_lr=0.004, warmup_epochs=2, min_lr=1e-6,
+    config = ScheduleSettings(epochs=10, epoch_length=100, base_lr=0.004, warmup_epochs=2, min_lr=1e-6,
                             warmup_teacher_temp_epochs=3, freeze_last_layer_epochs=1)
     s = build_schedules(config, global_batch_size=256)
     peak = 0.004 * math.sqrt(256 / 1024)
@@ -120,7 +120,7 @@ def test_schedules_hit_their_values():
 def tiny_config(**overrides) -> SSLConfig:
     defaults = dict(
         model=ModelSettings(preset="tiny", drop_path_rate=0.0),
-        crops=CropsSettings(global_crops_size=56, local_crops_size=28, local_crops_number=2),
+        crops=MultiCropSettings(global_crops_size=56, local_crops_size=28, local_crops_number=2),
         dino=DinoSettings(head_n_prototypes=64, head_hidden_dim=32, head_bottleneck_dim=16),
         ibot=IbotSettings(head_n_prototypes=48, head_hidden_dim=32, head_bottleneck_dim=16),
     )
@@ -242,7 +242,7 @@ def DINOTargets(arch, batch):
 
 
 def test_meta_arch_without_local_crops_and_with_registers():
-    config = tiny_config(crops=CropsSettings(global_crops_size=56, local_crops_size=28, local_crops_number=0),
+    config = tiny_config(crops=MultiCropSettings(global_crops_size=56, local_crops_size=28, local_crops_number=0),
                          model=ModelSettings(preset="tiny", drop_path_rate=0.2, overrides={"num_register_tokens": 2}))
     arch = SSLMetaArch(config).train()
     out = arch(fake_batch(config), teacher_temp=0.04)

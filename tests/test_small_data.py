@@ -7,11 +7,11 @@ import pytest
 import torch
 from test_trainer import tiny_config, write_cifar_subset
 
-from dinov2_hf.data.transforms import BatchedPhotometric, blur_kernel_size, gaussian_blur
+from dinov2_hf.data.transforms import BatchedPhotometric, MultiCropSettings, blur_kernel_size, gaussian_blur
 from dinov2_hf.losses import SimDINOLoss, SimDINOPatchLoss, coding_rate
-from dinov2_hf.objective import CropsSettings, DinoSettings, IbotSettings, ModelSettings, SSLConfig
+from dinov2_hf.objective import DinoSettings, IbotSettings, ModelSettings, SSLConfig
 from dinov2_hf.objective.meta_arch import SimDINOMetaArch, build_meta_arch, collapse_advice
-from dinov2_hf.objective.schedules import ScheduleConfig, build_schedules
+from dinov2_hf.objective.schedules import ScheduleSettings, build_schedules
 from dinov2_hf.training.config import load_train_config
 from dinov2_hf.training.trainer import Trainer
 
@@ -21,7 +21,7 @@ from dinov2_hf.training.trainer import Trainer
 def test_a_shortened_run_compresses_every_schedule():
     """The quickstart's schedule (10 x 40 steps: lr warm-up 1 epoch, teacher temperature warm-up 3, prototypes
     frozen 1) fitted to 100 steps: every length scales by 1/4."""
-    config = ScheduleConfig(epochs=10, epoch_length=40, base_lr=0.004, warmup_epochs=1, warmup_teacher_temp_epochs=3,
+    config = ScheduleSettings(epochs=10, epoch_length=40, base_lr=0.004, warmup_epochs=1, warmup_teacher_temp_epochs=3,
                             freeze_last_layer_epochs=1, teacher_temp=0.07, warmup_teacher_temp=0.04, min_lr=1e-6)
     nominal, short = build_schedules(config, 1024), build_schedules(config, 1024, total_iters=100)
     assert short.lr.warmup_iters == 10 and nominal.lr.warmup_iters == 40
@@ -99,7 +99,7 @@ def test_simdino_loss_by_hand():
 def _simdino_config(**changes) -> SSLConfig:
     return SSLConfig(
         model=ModelSettings(preset="tiny", drop_path_rate=0.0, layerscale_value=0.1),
-        crops=CropsSettings(global_crops_size=56, local_crops_size=28, local_crops_number=2),
+        crops=MultiCropSettings(global_crops_size=56, local_crops_size=28, local_crops_number=2),
         dino=DinoSettings(head_n_prototypes=64, head_hidden_dim=32, head_bottleneck_dim=16),
         ibot=IbotSettings(head_n_prototypes=64, head_hidden_dim=32, head_bottleneck_dim=16),
         objective="simdino", **changes,
@@ -199,11 +199,11 @@ def test_gpu_ssl_check_workers_draw_different_crops_and_masks():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     from dinov2_hf.data.collate import MultiCropCollator
-    from dinov2_hf.data.transforms import CropSettings, MultiCropGeometry
+    from dinov2_hf.data.transforms import MultiCropGeometry, MultiCropSettings
 
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
-    geometry = MultiCropGeometry(CropSettings(global_crops_size=32, local_crops_size=16, local_crops_number=1))
+    geometry = MultiCropGeometry(MultiCropSettings(global_crops_size=32, local_crops_size=16, local_crops_number=1))
     collator = MultiCropCollator(32, 4)
     loader = torch.utils.data.DataLoader(module.CropDataset([buffer.getvalue()] * 4, geometry), batch_size=2, num_workers=2,
                                          collate_fn=collator, worker_init_fn=module.seed_workers(geometry, collator),
@@ -241,12 +241,12 @@ def test_flip_probability_zero_never_flips_and_keeps_the_crop_stream():
     import numpy as np
     from PIL import Image
 
-    from dinov2_hf.data.transforms import CropSettings, MultiCropGeometry
+    from dinov2_hf.data.transforms import MultiCropGeometry, MultiCropSettings
 
     image = Image.fromarray(np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3))
     settings = dict(global_crops_size=32, local_crops_size=16, local_crops_number=2, global_crops_scale=(1.0, 1.0))
-    flipping = MultiCropGeometry(CropSettings(**settings), seed=3)
-    never = MultiCropGeometry(CropSettings(**settings, flip_probability=0.0), seed=3)
+    flipping = MultiCropGeometry(MultiCropSettings(**settings), seed=3)
+    never = MultiCropGeometry(MultiCropSettings(**settings, flip_probability=0.0), seed=3)
     unflipped = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
     flips = 0
     for _ in range(8):

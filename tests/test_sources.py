@@ -11,9 +11,9 @@ from PIL import Image
 
 from dinov2_hf.data.collate import MultiCropCollator
 from dinov2_hf.data.sources import DataSettings, MultiCropStream, load_image_stream, resolve_source
-from dinov2_hf.data.transforms import CropSettings, MultiCropGeometry
+from dinov2_hf.data.transforms import MultiCropGeometry, MultiCropSettings
 
-SETTINGS = CropSettings(global_crops_size=28, local_crops_size=14, local_crops_number=2)
+SETTINGS = MultiCropSettings(global_crops_size=28, local_crops_size=14, local_crops_number=2)
 
 
 def png(seed: int, size=(20, 24)) -> bytes:

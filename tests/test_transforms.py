@@ -10,8 +10,8 @@ from PIL import Image
 
 from dinov2_hf.data.transforms import (
     BatchedPhotometric,
-    CropSettings,
     MultiCropGeometry,
+    MultiCropSettings,
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
@@ -38,7 +38,7 @@ def test_crop_boxes_follow_scale_and_ratio():
 
 
 def test_geometry_outputs_and_flips():
-    settings = CropSettings(global_crops_size=32, local_crops_size=16, local_crops_number=3)
+    settings = MultiCropSettings(global_crops_size=32, local_crops_size=16, local_crops_number=3)
     geometry = MultiCropGeometry(settings, seed=0)
     gradient = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (64, 1, 3))  # brighter to the right
     image = Image.fromarray(gradient)

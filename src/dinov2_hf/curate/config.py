@@ -11,17 +11,16 @@ from pathlib import Path
 from typing import Literal
 
 from ..config_utils import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from ..data.sources import DataSettings
+from ..modeling.configuration_dinov2_hf import check_preset
 
 
 @dataclass
-class SourceSettings:
-    """One image source, read with :func:`dinov2_hf.data.sources.load_image_stream` in a fixed order."""
+class SourceSettings(DataSettings):
+    """One image source (the trainer's ``data:`` fields), read with
+    :func:`dinov2_hf.data.sources.load_image_stream` in a fixed order: positions are the ids later stages use."""
 
-    source: str = ""
-    format: Literal["auto", "parquet", "imagefolder", "webdataset", "hub"] = "auto"
-    split: str = "train"
-    image_column: str = "image"
-    label_column: str | None = None  # carried into the output when set
+    shuffle_buffer: int = 0  # must stay 0 (CurateConfig.validate): a fixed order
     id_column: str | None = None  # carried into the manifest when set
     limit: int | None = None  # read only the first ``limit`` rows (quick runs)
 
@@ -40,6 +39,9 @@ class EmbedSettings:
     shard_size: int = 8192  # rows per embedding shard: the unit of resumption
     device: str = "auto"  # "auto": cuda when available, else cpu
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self) -> None:
+        check_preset(self.preset)
 
 
 @dataclass
@@ -123,6 +125,11 @@ class CurateConfig:
         for i, settings in enumerate(self.eval_sets):
             if not settings.source:
                 raise ConfigError(f"eval_sets[{i}].source is empty.")
+        named = [("pool", self.pool), ("curated", self.curated)] + [(f"eval_sets[{i}]", s) for i, s in enumerate(self.eval_sets)]
+        for name, settings in named:
+            if settings is not None and settings.shuffle_buffer != 0:
+                raise ConfigError(f"{name}.shuffle_buffer={settings.shuffle_buffer}: curate reads sources in a fixed "
+                                  "order (positions are the images' ids); remove the key.")
         for name in ("threshold", "eval_threshold"):
             value = getattr(self.dedup, name)
             if not -1.0 <= value <= 1.0:

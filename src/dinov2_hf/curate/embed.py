@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..config_utils import ConfigError, to_dict
 from ..data.decode import ImageDecodeError, open_rgb
-from ..data.sources import DataSettings, image_source, load_image_stream
+from ..data.sources import image_source, load_image_stream
 from .config import EmbedSettings, SourceSettings
 
 HASH_BYTES = 16
@@ -34,15 +34,7 @@ COMPLETE = "complete.json"
 
 def iter_rows(settings: SourceSettings) -> Iterator[tuple[int, dict]]:
     """(position, example) for each row of ``settings`` in the source's own order; images undecoded."""
-    data = DataSettings(
-        source=settings.source,
-        format=settings.format,
-        split=settings.split,
-        image_column=settings.image_column,
-        label_column=settings.label_column,
-        shuffle_buffer=0,  # a fixed order: positions are the ids that later stages refer to
-    )
-    stream = load_image_stream(data)
+    stream = load_image_stream(settings)  # shuffle_buffer 0: a fixed order, positions are ids
     columns = stream.column_names or []
     if settings.id_column and columns and settings.id_column not in columns:
         raise ConfigError(f"id_column={settings.id_column!r} is not a column of {settings.source!r}; columns: {columns}.")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -33,8 +34,9 @@ BLUR_KERNEL_SIZE, BLUR_SIGMA = 9, (0.1, 2.0)  # torchvision GaussianBlur(9, (0.1
 
 
 @dataclass
-class CropSettings:
-    """Multi-crop geometry: sizes in pixels, scales as fractions of the image area."""
+class MultiCropSettings:
+    """The ``crops:`` section of a recipe: multi-crop geometry (sizes in pixels, scales as fractions of the
+    image area) and the photometric settings that depend on the crop."""
 
     global_crops_size: int = 224
     local_crops_size: int = 98
@@ -42,6 +44,11 @@ class CropSettings:
     global_crops_scale: tuple[float, float] = (0.32, 1.0)
     local_crops_scale: tuple[float, float] = (0.05, 0.32)
     flip_probability: float = 0.5  # horizontal flips (0 for images whose mirror image means something else: digits, text)
+    # Photometric (BatchedPhotometric.for_crops): blur probabilities, ``intended`` (the paper's 1.0/0.1/0.5),
+    # ``official`` (the code's 0.0/0.9/0.5) or ``none``; ``blur_reference_size``: 0 keeps the official 224-px blur
+    # (kernel 9, sigma 0.1-2) at any crop size, N scales kernel and sigma by ``global_crops_size / N``.
+    blur: Literal["intended", "official", "none"] = "intended"
+    blur_reference_size: int = 0
 
 
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], rng: random.Random) -> tuple[int, int, int, int]:
@@ -72,8 +79,8 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
 class MultiCropGeometry:
     """Per-image geometric part of the multi-crop: crops + flips, as uint8 (3, S, S) tensors."""
 
-    def __init__(self, settings: CropSettings | None = None, seed: int | None = None) -> None:
-        self.settings = settings if settings is not None else CropSettings()
+    def __init__(self, settings: MultiCropSettings | None = None, seed: int | None = None) -> None:
+        self.settings = settings if settings is not None else MultiCropSettings()
         self.rng = random.Random(seed)
 
     def _crop(self, image: Image.Image, size: int, scale: tuple[float, float]) -> torch.Tensor:

@@ -32,6 +32,12 @@ def swiglu_hidden_size(hidden_size: int, mlp_ratio: float) -> int:
     return (int(int(hidden_size * mlp_ratio) * 2 / 3) + 7) // 8 * 8
 
 
+def check_preset(name: str) -> None:
+    """Fail unless ``name`` is one of :data:`PRESETS` (configs call it when they are loaded)."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+
+
 class Dinov2HFConfig(BackboneConfigMixin, PretrainedConfig):
     r"""Configuration of [`Dinov2HFModel`] and [`Dinov2HFBackbone`].
 
@@ -147,8 +153,7 @@ class Dinov2HFConfig(BackboneConfigMixin, PretrainedConfig):
         Keyword arguments override preset fields, e.g.
         ``Dinov2HFConfig.from_preset("vitl14", num_register_tokens=4)``.
         """
-        if name not in PRESETS:
-            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+        check_preset(name)
         return cls(**{**PRESETS[name], **overrides})
 
     @property

@@ -1,14 +1,13 @@
 """The DINOv2 self-supervised objective: heads, meta-architecture, schedules, parameter groups."""
 
-from .config import CropsSettings, DinoSettings, IbotSettings, ModelSettings, OptimSettings, SSLConfig
+from .config import DinoSettings, IbotSettings, ModelSettings, OptimSettings, SSLConfig
 from .heads import DINOHead
 from .meta_arch import SSLMetaArch, build_student_config
 from .param_groups import apply_schedules, param_groups
-from .schedules import CosineScheduler, ScheduleConfig, build_schedules
+from .schedules import CosineScheduler, ScheduleSettings, build_schedules
 
 __all__ = [
     "CosineScheduler",
-    "CropsSettings",
     "DINOHead",
     "DinoSettings",
     "IbotSettings",
@@ -16,7 +15,7 @@ __all__ = [
     "OptimSettings",
     "SSLConfig",
     "SSLMetaArch",
-    "ScheduleConfig",
+    "ScheduleSettings",
     "apply_schedules",
     "build_schedules",
     "build_student_config",

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config_utils import apply_overrides, from_dict, load_yaml
-from ..data.transforms import CropSettings
-from .schedules import ScheduleConfig
+from ..data.transforms import MultiCropSettings
+from ..modeling.configuration_dinov2_hf import check_preset
+from .schedules import ScheduleSettings
 
 
 @dataclass
@@ -23,6 +24,9 @@ class ModelSettings:
     drop_path_rate: float = 0.3
     layerscale_value: float = 1e-5
     overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_preset(self.preset)
 
 
 @dataclass
@@ -51,17 +55,6 @@ class IbotSettings(HeadSettings):
 
 
 @dataclass
-class CropsSettings(CropSettings):
-    """Crop geometry plus the photometric settings: blur probabilities (``intended``: the paper's
-    1.0/0.1/0.5, ``official``: the code's 0.0/0.9/0.5, ``none``) and ``blur_reference_size``: 0 keeps the
-    official 224-px blur (kernel 9, sigma 0.1-2) at any crop size; N scales kernel and sigma by
-    ``global_crops_size / N`` (224: the official blur's reach, as a fraction of the crop, at any size)."""
-
-    blur: Literal["intended", "official", "none"] = "intended"
-    blur_reference_size: int = 0
-
-
-@dataclass
 class SimDinoSettings:
     """``objective=simdino`` (Wu et al., 2025): coding-rate ``eps`` and the expansion term's weight."""
 
@@ -79,19 +72,11 @@ class OptimSettings:
 
 
 @dataclass
-class TrainSettings:
-    """The batch the schedules are computed for (the trainer adds data and loop settings)."""
-
-    batch_size_per_device: int = 64
-    seed: int = 0
-
-
-@dataclass
 class SSLConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     dino: DinoSettings = field(default_factory=DinoSettings)
     ibot: IbotSettings = field(default_factory=IbotSettings)
-    crops: CropsSettings = field(default_factory=CropsSettings)
+    crops: MultiCropSettings = field(default_factory=MultiCropSettings)
     # dino: the official DINO + iBOT cross-entropies over prototypes; simdino: SimDINO's feature alignment
     # with a coding-rate term (no prototypes, centering or teacher temperature; see losses/simdino_loss.py)
     objective: Literal["dino", "simdino"] = "dino"
@@ -99,9 +84,8 @@ class SSLConfig:
     centering: Literal["softmax_center", "sinkhorn_knopp"] = "softmax_center"
     student_temp: float = 0.1
     center_momentum: float = 0.9
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
-    train: TrainSettings = field(default_factory=TrainSettings)
 
     def __post_init__(self) -> None:
         if self.ibot.loss_weight > 0 and not (0 < self.ibot.mask_sample_probability <= 1):

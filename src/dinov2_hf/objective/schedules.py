@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -40,13 +41,13 @@ class CosineScheduler:
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleSettings:
     """The optimisation schedule of a recipe, in epochs of ``epoch_length`` iterations."""
 
     epochs: int = 100
     epoch_length: int = 1250
     base_lr: float = 0.004
-    lr_scaling: str = "sqrt_wrt_1024"  # lr = base_lr * sqrt(batch / 1024); "none" keeps base_lr
+    lr_scaling: Literal["sqrt_wrt_1024", "none"] = "sqrt_wrt_1024"  # lr = base_lr * sqrt(batch / 1024); "none" keeps base_lr
     min_lr: float = 1e-6
     warmup_epochs: int = 10
     weight_decay: float = 0.04
@@ -59,7 +60,7 @@ class ScheduleConfig:
     freeze_last_layer_epochs: int = 1
 
 
-def scaled_lr(config: ScheduleConfig, global_batch_size: int) -> float:
+def scaled_lr(config: ScheduleSettings, global_batch_size: int) -> float:
     if config.lr_scaling == "sqrt_wrt_1024":
         return config.base_lr * math.sqrt(global_batch_size / 1024.0)
     if config.lr_scaling == "none":
@@ -85,7 +86,7 @@ class Schedules:
         }
 
 
-def build_schedules(config: ScheduleConfig, global_batch_size: int, total_iters: int | None = None) -> Schedules:
+def build_schedules(config: ScheduleSettings, global_batch_size: int, total_iters: int | None = None) -> Schedules:
     """The official schedules: lr (sqrt scaling, warmup, cosine), weight decay and teacher momentum
     (cosine), teacher temperature (linear warmup, then constant), last-layer lr (lr, zero while the
     prototypes are frozen).

@@ -16,8 +16,7 @@ from accelerate import Accelerator
 from ..data.collate import MultiCropCollator
 from ..data.position import DataPosition, continue_in_order
 from ..data.sources import MultiCropStream, load_image_stream
-from ..data.transforms import BatchedPhotometric, MultiCropGeometry
-from ..objective.config import CropsSettings
+from ..data.transforms import BatchedPhotometric, MultiCropGeometry, MultiCropSettings
 from ..objective.step import augment_batch
 from .config import TrainConfig
 
@@ -39,7 +38,7 @@ class Batches:
         run = ((self.config.train.seed * 2 + stream) << 32) + counter
         return run * accelerator.num_processes + accelerator.process_index
 
-    def loader(self, epoch: int, crops: CropsSettings, position: DataPosition | None = None) -> Iterator[dict]:
+    def loader(self, epoch: int, crops: MultiCropSettings, position: DataPosition | None = None) -> Iterator[dict]:
         """Stacked crop batches of pass ``epoch`` over this rank's share of the stream, after ``position``.
 
         Each batch carries ``worker`` and ``rows`` (see ``data.position``)."""

@@ -7,14 +7,16 @@ from pathlib import Path
 from typing import Literal
 
 from ..data.sources import DataSettings
-from ..objective.config import SSLConfig, TrainSettings, load_recipe
-from ..objective.schedules import ScheduleConfig
+from ..objective.config import SSLConfig, load_recipe
+from ..objective.schedules import ScheduleSettings
 
 
 @dataclass
-class TrainerSettings(TrainSettings):
-    """Loop settings (``train:`` section of a recipe)."""
+class TrainSettings:
+    """The ``train:`` section of a recipe: batch, seed and the loop's settings."""
 
+    batch_size_per_device: int = 64  # the schedules scale the learning rate with the global batch
+    seed: int = 0
     output_dir: str = "outputs/dinov2"
     # The run's length. Default: the schedule's own (schedule.epochs * schedule.epoch_length, plus the
     # adaptation phase). Another value fits every schedule to it (warm-ups, cosines, teacher temperature,
@@ -56,7 +58,7 @@ class MonitorSettings:
 
 
 @dataclass
-class AdaptationScheduleConfig(ScheduleConfig):
+class AdaptationScheduleSettings(ScheduleSettings):
     """The adaptation phase's schedule: off by default (0 epochs); no teacher-temperature warmup and no
     prototype freeze, since it continues from trained weights."""
 
@@ -75,7 +77,7 @@ class AdaptationSettings:
 
     global_crops_size: int = 518
     local_crops_size: int = 98
-    schedule: AdaptationScheduleConfig = field(default_factory=AdaptationScheduleConfig)
+    schedule: AdaptationScheduleSettings = field(default_factory=AdaptationScheduleSettings)
 
     @property
     def steps(self) -> int:
@@ -131,7 +133,7 @@ class HubSettings:
 @dataclass
 class TrainConfig(SSLConfig):
     data: DataSettings = field(default_factory=DataSettings)
-    train: TrainerSettings = field(default_factory=TrainerSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
     adaptation: AdaptationSettings = field(default_factory=AdaptationSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
 
-from .config import TrainerSettings
+from .config import TrainSettings
 
 
 def fsdp_requested() -> bool:
@@ -160,7 +160,7 @@ def distributed_on_cpu() -> bool:
 def parallelize(
     arch: nn.Module,
     accelerator: Accelerator,
-    settings: TrainerSettings,
+    settings: TrainSettings,
     build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
 ) -> tuple[nn.Module, torch.optim.Optimizer, bool]:
     """Activation checkpointing -> compiled blocks -> FSDP2 or DDP, in that order, on the meta-architecture.

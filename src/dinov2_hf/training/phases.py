@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..data.collate import MultiCropCollator
+from ..data.transforms import MultiCropSettings
 from ..objective import build_schedules
-from ..objective.config import CropsSettings
 from ..objective.schedules import Schedules
 from .config import TrainConfig
 
@@ -17,7 +17,7 @@ class Phase:
     """A stretch of training with its own crop sizes and schedules (main, resolution adaptation)."""
 
     name: str
-    crops: CropsSettings
+    crops: MultiCropSettings
     schedules: Schedules  # indexed from the phase's first step
     collator: MultiCropCollator
     start: int
@@ -28,7 +28,7 @@ def build_phases(config: TrainConfig, patch_size: int, num_processes: int) -> li
     train = config.train
     global_batch = train.batch_size_per_device * num_processes * train.gradient_accumulation_steps
 
-    def phase(name: str, crops: CropsSettings, schedule, start: int, steps: int) -> Phase:
+    def phase(name: str, crops: MultiCropSettings, schedule, start: int, steps: int) -> Phase:
         collator = MultiCropCollator(
             crops.global_crops_size, patch_size, config.ibot.mask_ratio_min_max, config.ibot.mask_sample_probability
         )
