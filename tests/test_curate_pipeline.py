@@ -122,6 +122,8 @@ def test_retrieved_images_are_true_nearest_neighbours(sources, cifar_dir):
     (["cluster.levels=[5, 10, 20]"], "non-increasing"),
     (["dedup.threshold=1.5"], "not a cosine similarity"),
     (["embed.batch_size=big"], "embed.batch_size: expected an integer"),
+    (["pool.shuffle_buffer=100"], "pool.shuffle_buffer=100: curate reads sources in a fixed order"),
+    (["embed.preset=vitx14"], "Unknown preset 'vitx14'"),
 ])
 def test_bad_settings_fail_naming_the_key(extra, message):
     with pytest.raises(ConfigError) as error:

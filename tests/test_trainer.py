@@ -112,6 +112,12 @@ def test_bad_config_fails_before_any_work(tmp_path):
         load_train_config("no-such-recipe")
     with pytest.raises(ConfigError, match="model.layerscale_value: expected a number"):
         load_train_config("cifar10", ["model.layerscale_value=tiny"])
+    with pytest.raises(ConfigError, match="model: Unknown preset 'vitx14'"):
+        load_train_config("cifar10", ["model.preset=vitx14"])
+    with pytest.raises(ConfigError, match="schedule.lr_scaling.*sqrt_wrt_1024"):
+        load_train_config("cifar10", ["schedule.lr_scaling=linear"])
+    with pytest.raises(ConfigError, match="crops.blur"):
+        load_train_config("cifar10", ["crops.blur=gaussian"])
     # YAML 1.1 reads 1e-5 as a string; float fields accept it as users write it.
     assert load_train_config("cifar10", ["model.layerscale_value=1e-5"]).model.layerscale_value == 1e-5
 
