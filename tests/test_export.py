@@ -64,7 +64,6 @@ def test_local_legacy_checkpoint_folder(tiny_kwargs, tmp_path):
     for key, value in reference.state_dict().items():
         key = key.replace("attention.q_proj", "attention.attention.query").replace("attention.k_proj", "attention.attention.key")
         key = key.replace("attention.v_proj", "attention.attention.value").replace("attention.o_proj", "attention.output.dense")
-        key = key.replace("mlp.fc1", "mlp.fc1").replace("mlp.fc2", "mlp.fc2")
         legacy[key] = value.contiguous()
     save_file(legacy, tmp_path / "model.safetensors", metadata={"format": "pt"})
     ours = from_transformers(tmp_path)

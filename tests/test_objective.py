@@ -212,6 +212,72 @@ def test_meta_arch_losses_recompose(centering, separate_head):
         assert torch.isfinite(out[key])
 
 
+def test_total_loss_applies_each_weight_once():
+    """Weights other than 1: the DINO terms are recorded unweighted and enter the total times dino.loss_weight;
+    KoLeo and iBOT are recorded weighted. Same parameters, batch and drop-path draws in both runs."""
+    weights = dict(dino_weight=0.5, koleo_weight=0.3, ibot_weight=2.0)
+
+    def run(dino_weight, koleo_weight, ibot_weight):
+        config = tiny_config(
+            model=ModelSettings(preset="tiny", drop_path_rate=0.2),
+            dino=DinoSettings(head_n_prototypes=64, head_hidden_dim=32, head_bottleneck_dim=16,
+                              loss_weight=dino_weight, koleo_loss_weight=koleo_weight),
+            ibot=IbotSettings(head_n_prototypes=48, head_hidden_dim=32, head_bottleneck_dim=16, loss_weight=ibot_weight),
+        )
+        torch.manual_seed(0)
+        arch = SSLMetaArch(config).train()  # the same parameters in both runs
+        torch.manual_seed(1)
+        return arch(fake_batch(config), teacher_temp=0.07)
+
+    unit, weighted = run(1.0, 1.0, 1.0), run(**weights)
+    dino_terms = ("dino_local_crops_loss", "dino_global_crops_loss")
+    for key in dino_terms:
+        torch.testing.assert_close(weighted[key], unit[key])
+    torch.testing.assert_close(weighted["koleo_loss"], 0.3 * unit["koleo_loss"])
+    torch.testing.assert_close(weighted["ibot_loss"], 2.0 * unit["ibot_loss"])
+    expected = 0.5 * sum(unit[k] for k in dino_terms) + 0.3 * unit["koleo_loss"] + 2.0 * unit["ibot_loss"]
+    torch.testing.assert_close(weighted["loss"], expected)
+    assert not torch.allclose(weighted["loss"], unit["loss"])
+
+
+def test_health_metrics_on_hand_made_targets():
+    """Uniform targets: entropy 1, the flat collapse; every image on one prototype: entropies 0, the one-hot
+    collapse; each image on its own prototype: per-image entropy 0, batch entropy log(B)/log(K). Zero student
+    logits: student entropy 1 and KL = log K - H(teacher). Orthonormal CLS: cls_std 1; identical CLS: 0."""
+    arch = SSLMetaArch(tiny_config())
+    images, k = 4, 16  # 2 global crops x 4 images = 8 rows
+    zeros, log_k = torch.zeros(2 * images, k), math.log(k)
+    orthonormal, identical = torch.eye(8, 8), torch.ones(8, 8)
+
+    uniform = arch.health_metrics(zeros, torch.full((2, images, k), 1 / k), orthonormal)
+    assert uniform["teacher_entropy"].item() == pytest.approx(1.0)
+    assert uniform["teacher_batch_entropy"].item() == pytest.approx(1.0)
+    assert uniform["student_entropy"].item() == pytest.approx(1.0)
+    assert uniform["kl_teacher_student"].item() == pytest.approx(0.0, abs=1e-6)
+    assert uniform["cls_std"].item() == pytest.approx(1.0)
+    assert uniform["collapse"].item() == 1.0  # flat
+
+    one_hot = torch.zeros(2, images, k)
+    one_hot[..., 0] = 1
+    same = arch.health_metrics(zeros, one_hot, orthonormal)
+    assert same["teacher_entropy"].item() == pytest.approx(0.0, abs=1e-6)
+    assert same["teacher_batch_entropy"].item() == pytest.approx(0.0, abs=1e-6)
+    assert same["kl_teacher_student"].item() == pytest.approx(log_k)
+    assert same["collapse"].item() == 1.0  # one prototype
+
+    own = torch.zeros(2, images, k)
+    for crop in range(2):
+        own[crop, torch.arange(images), torch.arange(images) * 2 + crop] = 1  # 8 distinct prototypes
+    spread = arch.health_metrics(zeros, own, orthonormal)
+    assert spread["teacher_entropy"].item() == pytest.approx(0.0, abs=1e-6)
+    assert spread["teacher_batch_entropy"].item() == pytest.approx(math.log(8) / log_k)
+    assert spread["collapse"].item() == 0.0
+
+    flat_features = arch.health_metrics(zeros, own, identical)
+    assert flat_features["cls_std"].item() == pytest.approx(0.0, abs=1e-6)
+    assert flat_features["collapse"].item() == 1.0
+
+
 def test_dino_global_term_pairs_crop1_with_teacher_crop2():
     """The global DINO term equals the two cross pairs computed by hand from the teacher's targets."""
     torch.manual_seed(0)

@@ -26,8 +26,8 @@ def write_cifar_subset(cifar_dir, folder, rows=192, corrupt=0):
     return folder
 
 
-def tiny_config(data_dir, output_dir, extra: tuple[str, ...] = (), **train):
-    overrides = [
+def tiny_overrides(data_dir, output_dir, extra: tuple[str, ...] = (), **train) -> list[str]:
+    return [
         f"data.source={data_dir}", "data.shuffle_buffer=32",
         "model.overrides.hidden_size=48", "model.overrides.num_hidden_layers=2", "model.overrides.num_attention_heads=2",
         "dino.head_n_prototypes=128", "dino.head_hidden_dim=64", "dino.head_bottleneck_dim=32", "ibot.head_n_prototypes=128",
@@ -36,20 +36,61 @@ def tiny_config(data_dir, output_dir, extra: tuple[str, ...] = (), **train):
         "train.batch_size_per_device=16", "train.num_workers=0", "train.mixed_precision=no",
         f"train.output_dir={output_dir}", "train.save_every=3",
     ] + [f"train.{k}={v}" for k, v in train.items()] + list(extra)
-    return load_train_config("cifar10", overrides)
+
+
+def tiny_config(data_dir, output_dir, extra: tuple[str, ...] = (), **train):
+    return load_train_config("cifar10", tiny_overrides(data_dir, output_dir, extra, **train))
+
+
+KILLED_RUN = """
+import json, os, signal, sys
+import torch
+from dinov2_hf.training import run_dir
+from dinov2_hf.training.config import load_train_config
+from dinov2_hf.training.trainer import Trainer
+
+overrides, kill_at = json.loads(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(int(sys.argv[3]))  # the test process's: the same float summation order
+write_trainer_state = run_dir.write_trainer_state
+
+def write_then_die(folder, state):
+    if state["step"] == kill_at:  # mid-checkpoint: weights and optimizer written, not yet marked complete
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_trainer_state(folder, state)
+
+run_dir.write_trainer_state = write_then_die
+Trainer(load_train_config("cifar10", overrides)).train()
+"""
 
 
 def test_kill_and_resume_reproduces_the_trajectory(cifar_dir, tmp_path):
+    """SIGKILL while checkpoint 6 is being written: no handler runs, a half-written temporary folder is left.
+    The rerun resumes from checkpoint 3, ignores (and removes) the leftover, and continues the uninterrupted
+    run's trajectory exactly."""
+    import signal
+    import subprocess
+    import sys
+
     data = write_cifar_subset(cifar_dir, tmp_path / "data")
     full = Trainer(tiny_config(data, tmp_path / "full")).train().history
     assert len(full) == 8
-    killed = Trainer(tiny_config(data, tmp_path / "resumed", stop_at_step=3)).train().history  # "killed" after step 3
-    assert [r["loss"] for r in killed] == [r["loss"] for r in full[:3]]
-    resumed = Trainer(tiny_config(data, tmp_path / "resumed")).train().history  # resume=auto
+    run = tmp_path / "resumed"
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(tiny_overrides(data, run)), "6",
+                             str(torch.get_num_threads())],
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-3"]
+    assert any(p.name.startswith(".") for p in checkpoints.iterdir())  # the half-written checkpoint 6
+    logged = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([r["loss"] for r in full[:6]], rel=1e-6)  # steps 0-5 ran before the kill
+    resumed = Trainer(tiny_config(data, run)).train().history  # resume=auto
     assert [r["step"] for r in resumed] == list(range(3, 8))
     for a, b in zip(resumed, full[3:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6), (a["step"], a["loss"], b["loss"])
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in full)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-3", "checkpoint-6", "checkpoint-8"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(8))  # the killed session's steps 3-5 were dropped, not logged twice
 
 
 def test_bad_images_are_counted_and_export_loads_in_stock_transformers(cifar_dir, tmp_path):
@@ -160,9 +201,30 @@ def test_knn_monitor_logs_accuracy(cifar_dir, tmp_path):
     config = tiny_config(data, tmp_path / "run", max_steps=4)
     config.monitor.every, config.monitor.source = 2, str(data)
     config.monitor.train_images, config.monitor.test_images = 64, 32
-    history = Trainer(config).train().history
-    accuracies = [r["knn_top1"] for r in history if "knn_top1" in r]
-    assert len(accuracies) == 2 and all(0.0 <= a <= 1.0 for a in accuracies)
+    result = Trainer(config).train()
+    accuracies = [r["knn_top1"] for r in result.history if "knn_top1" in r]
+    assert len(accuracies) == 2 and result.final_knn == accuracies[-1]
+    # The last one is of the exported weights: recompute it independently, with stock transformers on the export
+    # and pixels normalised by hand (32 px images at a 32 px crop: no resize).
+    import io
+
+    from PIL import Image
+    from transformers import AutoModel
+
+    from dinov2_hf.eval import knn_classify
+    from dinov2_hf.modeling.processor import IMAGENET_MEAN, IMAGENET_STD
+
+    table = pq.read_table(data / "train-00000-of-00001.parquet")
+    images = [np.asarray(Image.open(io.BytesIO(row["bytes"])).convert("RGB"), dtype=np.float32) / 255
+              for row in table.column("image").to_pylist()]
+    pixels = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(
+        IMAGENET_STD)[:, None, None]
+    labels = torch.tensor(table.column("label").to_pylist())
+    model = AutoModel.from_pretrained(result.export_dir / "transformers").eval()
+    with torch.no_grad():
+        features = model(pixel_values=pixels).pooler_output
+    expected = knn_classify(features[:64], labels[:64], features[64:], labels[64:], ks=(20,))[20]
+    assert accuracies[-1] == pytest.approx(expected, abs=1.5 / 32)  # one of the 32 queries may flip on a float tie
 
 
 def test_resolution_adaptation_phase_and_resume_across_it(cifar_dir, tmp_path):
