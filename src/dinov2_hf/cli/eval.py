@@ -76,9 +76,10 @@ def add_eval_parser(subparsers) -> None:
 def _check_args(args: argparse.Namespace) -> None:
     """Fail on bad arguments before anything is loaded."""
     from ..data.sources import load_image_stream
+    from ..modeling.loading import check_backbone_source
 
-    if args.model and args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists():
-        raise FileNotFoundError(f"--model {args.model} does not exist: pass a checkpoint folder, a Meta .pth file or a Hub id.")
+    if args.model:
+        check_backbone_source(args.model, "--model ")
     for flag in ("max_train", "max_test", "batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:

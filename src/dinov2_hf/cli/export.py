@@ -60,22 +60,9 @@ def run_export(args: argparse.Namespace) -> None:
     print(f"Exported {source} -> {args.output} ({model.config.num_register_tokens} registers, stock transformers format)")
 
 
-def _check_backbone_source(source: Path) -> None:
-    """Fail before loading unless ``source`` is a checkpoint folder with weights, a file, or a Hub id."""
-    if source.is_dir():
-        if not (source / "config.json").is_file():
-            raise FileNotFoundError(f"{source} has no config.json; pass a checkpoint folder, a Meta .pth file or a Hub id.")
-        if not any(source.glob("*.safetensors")) and not any(source.glob("*.bin")):
-            raise FileNotFoundError(f"{source} has no weights (model.safetensors or pytorch_model.bin).")
-    elif not source.exists() and str(source).count("/") != 1:
-        raise FileNotFoundError(
-            f"{source} does not exist: pass a checkpoint folder, a Meta .pth file or a Hub model id (owner/name)."
-        )
-
-
 def run_export_onnx(args: argparse.Namespace) -> dict[str, float]:
     """``dinov2-hf export --to onnx``: validate everything cheap, load, export, check with onnxruntime."""
-    from ..modeling.loading import load_backbone
+    from ..modeling.loading import check_backbone_source, load_backbone
     from ..modeling.onnx import (
         DEFAULT_CHECK_SIZES,
         check_onnx,
@@ -90,7 +77,7 @@ def run_export_onnx(args: argparse.Namespace) -> dict[str, float]:
     validate_opset(args.opset)
     sizes = [parse_size(text) for text in args.check_sizes] if args.check_sizes else list(DEFAULT_CHECK_SIZES)
     source = Path(args.input)
-    _check_backbone_source(source)
+    check_backbone_source(args.input)
     config_file = source / "config.json"
     if args.check and source.is_dir() and config_file.is_file():  # check sizes vs patch size before loading weights
         validate_sizes(sizes, json.loads(config_file.read_text()).get("patch_size", 14))
