@@ -6,7 +6,6 @@ Both commands run :func:`run_train`; ``distill --teacher T`` is ``train`` with `
 from __future__ import annotations
 
 import argparse
-import time
 
 
 def _add_recipe_arguments(parser, default: str, what: str) -> None:
@@ -39,6 +38,7 @@ def add_train_parsers(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    from ..data.shutdown import arrow_threads_finish
     from ..hub.training import hub_callbacks, push_callback
     from ..training.config import load_train_config
     from ..training.trainer import Trainer
@@ -50,10 +50,8 @@ def run_train(args: argparse.Namespace) -> None:
     pusher = push_callback(callbacks)
     if trainer.accelerator.is_main_process:
         print(f"dinov2_hf train: {trainer.describe()}; {config.total_steps} steps -> {trainer.output_dir}", flush=True)
-    try:
+    with arrow_threads_finish():  # else the process can abort at exit (streaming parquet's Arrow threads)
         result = trainer.train()
-    finally:
-        _let_arrow_threads_finish()
     if result.stop_signal is not None:
         print(f"stopped by signal {result.stop_signal} at step {result.steps}; checkpoint saved, rerun to resume")
         raise SystemExit(128 + result.stop_signal)
@@ -80,17 +78,3 @@ def run_train(args: argparse.Namespace) -> None:
             print(f"push to {config.hub.repo_id} failed: {pusher.error}; the export is kept. "
                   f"Retry with: dinov2-hf push {trainer.output_dir} {config.hub.repo_id}")
             raise SystemExit(1)
-
-
-def _let_arrow_threads_finish() -> None:
-    """Streaming parquet leaves Arrow scanner threads behind when a pass stops early; if they are still
-    alive at interpreter exit the process aborts ("terminate called without an active exception",
-    huggingface/datasets#7566, apache/arrow#45214). Collect the dropped streams and give the threads
-    the time `datasets` itself waits for them, once, before the process exits."""
-    import gc
-
-    from datasets import config as datasets_config
-
-    gc.collect()
-    time.sleep(datasets_config.SLEEP_TIME_ON_THREADS_SHUTDOWN)
-
