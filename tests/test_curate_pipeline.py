@@ -139,6 +139,8 @@ def test_cli_reports_a_missing_source_before_loading_a_model(tmp_path, monkeypat
     assert main(["curate", "pool.source=./missing-folder", "embed.preset=tiny"]) == 2
     error = capsys.readouterr().err
     assert "pool:" in error and "missing-folder" in error
+    assert main(["curate", "pool.source=./missing-folder", "embed.model=./missing-model"]) == 2  # checked first
+    assert "embed.model=./missing-model does not exist" in capsys.readouterr().err
     assert main(["curate"]) == 2
     assert "pool.source is empty" in capsys.readouterr().err
     assert main(["curate", "pool.source=someone/no-such-dataset"]) == 2  # tests run with HF_HUB_OFFLINE=1

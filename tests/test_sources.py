@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from dinov2_hf.data import shutdown
 from dinov2_hf.data.collate import MultiCropCollator
 from dinov2_hf.data.sources import DataSettings, MultiCropStream, load_image_stream, resolve_source
 from dinov2_hf.data.transforms import MultiCropGeometry, MultiCropSettings
@@ -117,3 +118,19 @@ def test_bad_sources_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="data.image_column='img' is not a column"):
         load_image_stream(DataSettings(source=str(tmp_path / "data"), image_column="img"))
     assert resolve_source(DataSettings(source="someuser/some-dataset"))[0] == "someuser/some-dataset"
+
+
+def test_arrow_threads_finish_waits_once_after_the_body_even_when_it_raises(monkeypatch):
+    calls = []
+    monkeypatch.setattr(shutdown.gc, "collect", lambda: calls.append("collect"))
+    monkeypatch.setattr(shutdown.time, "sleep", lambda seconds: calls.append(("sleep", seconds)))
+    wait = ("sleep", shutdown.datasets_config.SLEEP_TIME_ON_THREADS_SHUTDOWN)
+    with shutdown.arrow_threads_finish():
+        calls.append("body")
+    assert calls == ["body", "collect", wait]
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):  # the body's exception propagates, after the wait
+        with shutdown.arrow_threads_finish():
+            calls.append("body")
+            raise KeyboardInterrupt
+    assert calls == ["body", "collect", wait]

@@ -2,7 +2,7 @@
 
 One module per stage: :mod:`.embed`, :mod:`.dedup`, :mod:`.retrieve`, :mod:`.kmeans` and
 :mod:`.sampling`, :mod:`.write`; :mod:`.pipeline` runs them (each resumable) from a
-:class:`CurateConfig`; :mod:`.cli` is ``dinov2-hf curate``.
+:class:`CurateConfig`; :mod:`dinov2_hf.cli.curate` is ``dinov2-hf curate``.
 """
 
 from importlib import import_module

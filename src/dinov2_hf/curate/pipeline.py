@@ -87,6 +87,10 @@ def run_curation(config: CurateConfig, embedder: Callable | None = None) -> Cura
     and has a ``signature`` string naming it.
     """
     config.validate()
+    if embedder is None and config.embed.model is not None:
+        from ..modeling.loading import check_backbone_source
+
+        check_backbone_source(config.embed.model, "embed.model=")  # a typo fails now, not when the first batch loads it
     _check_sources(config)
     output_dir = Path(config.output.output_dir)
     work = output_dir / "work"

@@ -3,10 +3,42 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .configuration_dinov2_hf import Dinov2HFConfig
 from .modeling_dinov2_hf import Dinov2HFModel
+
+# A Hub model id, owner/name: a path such as ./x, ../x, /x or ~/x is never one.
+_HUB_MODEL_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")
+
+
+def check_backbone_source(source: str | Path, name: str = "") -> None:
+    """Fail in a moment, before any weights are read, unless ``source`` can be a backbone :func:`load_backbone`
+    reads: a checkpoint folder with ``config.json`` and weights, a Meta ``.pth`` file, or a Hub model id
+    ``owner/name`` (its existence is not looked up: an unknown, private or uncached id fails when loaded).
+
+    ``name`` goes before the source in the message so that it names the argument or setting, e.g.
+    ``"--model "`` or ``"embed.model="``. Raises FileNotFoundError (a missing path, a folder without
+    ``config.json`` or without weights) or ValueError (a file that is not a ``.pth``).
+    """
+    path = Path(source)
+    if path.is_file():
+        if path.suffix not in (".pth", ".pt"):
+            raise ValueError(
+                f"{name}{path} is a file but not a Meta checkpoint (.pth); pass a checkpoint folder or a .pth file."
+            )
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{name}{path} has no config.json; pass a checkpoint folder, a Meta .pth file or a Hub id."
+            )
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise FileNotFoundError(f"{name}{path} has no weights (model.safetensors or pytorch_model.bin).")
+    elif not _HUB_MODEL_ID.fullmatch(str(source)):
+        raise FileNotFoundError(
+            f"{name}{source} does not exist: pass a checkpoint folder, a Meta .pth file or a Hub model id (owner/name)."
+        )
 
 
 def load_backbone(source: str | Path | None = None, preset: str = "vits14") -> tuple[Dinov2HFModel, str]:
@@ -23,21 +55,15 @@ def load_backbone(source: str | Path | None = None, preset: str = "vits14") -> t
         # LayerScale 1, not the official 1e-5: with 1e-5 every image has almost the same CLS token, and a
         # random baseline would rank its neighbours by float rounding (different on every CPU).
         return Dinov2HFModel(Dinov2HFConfig.from_preset(preset, layerscale_value=1.0)).eval(), f"random {preset}"
+    check_backbone_source(source)
     path = Path(source)
     if path.is_file():
-        if path.suffix not in (".pth", ".pt"):
-            raise ValueError(f"{path} is a file but not a Meta checkpoint (.pth); pass a checkpoint folder or a .pth file.")
         return from_meta(path), f"{path} (meta)"
     if path.is_dir():
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{path} has no config.json; pass a checkpoint folder.")
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
         if model_type == Dinov2HFConfig.model_type:
             return Dinov2HFModel.from_pretrained(path).eval(), str(path)
         return from_transformers(path), f"{path} ({model_type})"
-    if str(source).startswith((".", "/")) or str(source).count("/") > 1:
-        raise FileNotFoundError(f"{source} does not exist: pass a checkpoint folder, a Meta .pth file or a Hub model id.")
     from huggingface_hub import snapshot_download
 
     # A Hub id: fetched (or read from the cache when offline), then loaded like a local folder.

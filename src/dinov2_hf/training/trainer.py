@@ -180,6 +180,12 @@ class Trainer:
         ``train.stop_on_collapse``, ``train.stop_at_step``) after a checkpoint, reported in the result. The previous signal
         handlers are restored on return (in a notebook, interrupting the kernel raises KeyboardInterrupt
         again in later cells).
+
+        A script that streams parquet and exits soon after should call this inside
+        ``with dinov2_hf.data.shutdown.arrow_threads_finish():`` (as ``dinov2-hf train`` does): it waits once for
+        the Arrow threads of the dropped streams, without which the process can abort at exit. It is not done
+        here because the wait (``datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN`` seconds) is needed once per
+        process, not once per run.
         """
         previous = self._handle_signals()
         try:

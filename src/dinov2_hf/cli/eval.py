@@ -76,9 +76,10 @@ def add_eval_parser(subparsers) -> None:
 def _check_args(args: argparse.Namespace) -> None:
     """Fail on bad arguments before anything is loaded."""
     from ..data.sources import load_image_stream
+    from ..modeling.loading import check_backbone_source
 
-    if args.model and args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists():
-        raise FileNotFoundError(f"--model {args.model} does not exist: pass a checkpoint folder, a Meta .pth file or a Hub id.")
+    if args.model:
+        check_backbone_source(args.model, "--model ")
     for flag in ("max_train", "max_test", "batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -134,10 +135,10 @@ def run_eval(args: argparse.Namespace) -> dict:
     """Run one evaluation task from parsed arguments; prints the metrics and writes ``args.output``."""
     import torch
 
+    from ..eval.features import dataset_features
+    from ..eval.results import write_results
     from ..modeling.loading import load_backbone
     from ..modeling.processor import dinov2_image_processor
-    from .features import dataset_features
-    from .results import write_results
 
     _check_args(args)
     torch.manual_seed(args.seed)  # a random --preset baseline is the same model every run
@@ -171,7 +172,7 @@ def run_eval(args: argparse.Namespace) -> dict:
         print(f"  best head: {metrics['best']['head']}")
     print(f"results written to {args.output}")
     if args.model_card:
-        from .results import update_model_card
+        from ..eval.results import update_model_card
 
         update_model_card(args.model_card, [record], model_name=description, dataset_name=args.dataset_name)
         print(f"model-index updated in {args.model_card}")
@@ -180,7 +181,7 @@ def run_eval(args: argparse.Namespace) -> dict:
 
 def _visualize(args: argparse.Namespace, model, description: str) -> dict:
     from ..data.decode import load_image
-    from .visualize import save_figures
+    from ..eval.visualize import save_figures
 
     written = save_figures(model, [load_image(name) for name in args.images], args.output_dir, size=args.crop_size)
     record = {"task": "visualize", "model": description, "images": args.images,
@@ -196,7 +197,7 @@ def _visualize(args: argparse.Namespace, model, description: str) -> dict:
 def _dense(args: argparse.Namespace, model, device: str) -> tuple[dict, dict]:
     """Linear segmentation / depth head on the last block's patch tokens of square-resized images."""
     from ..data.sources import load_image_stream
-    from .dense import (
+    from ..eval.dense import (
         HeadTraining,
         depth_metrics,
         load_dense_split,
@@ -233,8 +234,8 @@ def _copy_detection(args: argparse.Namespace, model, common: dict) -> tuple[dict
     import itertools
 
     from ..data.sources import load_image_stream
-    from .features import extract_features, labelled_images
-    from .retrieval import copy_detection_metrics, make_copy_queries
+    from ..eval.features import extract_features, labelled_images
+    from ..eval.retrieval import copy_detection_metrics, make_copy_queries
 
     counter = {"skipped": 0}
     pairs = labelled_images(load_image_stream(_settings(args, test=False)), args.image_column, None, counter)
@@ -250,9 +251,9 @@ def _copy_detection(args: argparse.Namespace, model, common: dict) -> tuple[dict
 
 
 def _run_task(args: argparse.Namespace, train, test, device: str) -> dict:
-    from .knn import knn_classify
-    from .linear import C_VALUES, linear_probe, logistic_regression
-    from .retrieval import cosine_ranking, mean_average_precision
+    from ..eval.knn import knn_classify
+    from ..eval.linear import C_VALUES, linear_probe, logistic_regression
+    from ..eval.retrieval import cosine_ranking, mean_average_precision
 
     if args.task == "retrieval":
         ground_truth = json.loads(Path(args.ground_truth).read_text())

@@ -22,8 +22,8 @@ def add_curate_parser(subparsers) -> None:
 
 
 def run_curate(args: argparse.Namespace) -> dict:
-    from .config import load_curate_config
-    from .pipeline import run_curation
+    from ..curate.config import load_curate_config
+    from ..curate.pipeline import run_curation
 
     config = load_curate_config(args.config, args.overrides)  # fails on unknown keys before any work
     result = run_curation(config)

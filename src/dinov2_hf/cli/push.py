@@ -14,7 +14,7 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
 
 
-def add_push_parser(subparsers) -> None:
+def add_push_parsers(subparsers) -> None:
     """Register ``push`` (a run's backbone) and ``push-dataset`` (a curated dataset)."""
     parser = subparsers.add_parser(
         "push",
@@ -47,7 +47,7 @@ def add_push_parser(subparsers) -> None:
 
 
 def run_push(args: argparse.Namespace) -> None:
-    from .push import push_checkpoint
+    from ..hub.push import push_checkpoint
 
     result, _ = push_checkpoint(
         args.source, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr, fmt=args.fmt,
@@ -68,7 +68,7 @@ def run_push(args: argparse.Namespace) -> None:
 
 
 def run_push_dataset(args: argparse.Namespace) -> None:
-    from .push import push_dataset
+    from ..hub.push import push_dataset
 
     result, summary = push_dataset(args.source, args.repo_id, private=args.private, revision=args.revision,
                                    create_pr=args.create_pr, token=args.token, commit_message=args.commit_message,

@@ -1,0 +1,111 @@
+"""``dinov2-hf export``: a dinov2_hf folder as a stock transformers checkpoint (``--to transformers``), or any
+backbone we load as ONNX checked against PyTorch with onnxruntime (``--to onnx``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_export_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a backbone in stock transformers format or as ONNX",
+        description="--to transformers: a dinov2_hf checkpoint folder as a stock transformers dinov2 / "
+        "dinov2_with_registers checkpoint (no custom code needed to load it). --to onnx: any backbone we load "
+        "(our folders, stock transformers folders, Meta .pth, Hub ids) as model.onnx with dynamic batch, height "
+        "and width, checked against PyTorch with onnxruntime. Both write the DINOv2 image processor.",
+    )
+    parser.add_argument("--to", dest="target", required=True, choices=["transformers", "onnx"])
+    parser.add_argument("input", help="checkpoint folder (onnx: also a Meta .pth file or a Hub id)")
+    parser.add_argument("output", help="output folder")
+    onnx = parser.add_argument_group("onnx")
+    onnx.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 to 23 (default 18)")
+    onnx.add_argument(
+        "--check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compare onnxruntime with PyTorch on random images after the export (default: on)",
+    )
+    onnx.add_argument(
+        "--check-size",
+        dest="check_sizes",
+        action="append",
+        metavar="HxW",
+        help="image size to check, repeatable (default: 224x224 and 154x322)",
+    )
+    onnx.add_argument("--atol", type=float, default=1e-4, help="largest accepted difference (default 1e-4)")
+    onnx.add_argument(
+        "--external-data",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="weights in model.onnx.data beside model.onnx (default: only past protobuf's 2 GB limit)",
+    )
+    parser.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    if args.target == "onnx":
+        run_export_onnx(args)
+        return
+    from ..modeling import Dinov2HFModel
+    from ..modeling.convert import export_transformers
+
+    source = Path(args.input)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{source} has no config.json; pass a dinov2_hf checkpoint folder.")
+    model = Dinov2HFModel.from_pretrained(source)
+    export_transformers(model, args.output)
+    print(f"Exported {source} -> {args.output} ({model.config.num_register_tokens} registers, stock transformers format)")
+
+
+def run_export_onnx(args: argparse.Namespace) -> dict[str, float]:
+    """``dinov2-hf export --to onnx``: validate everything cheap, load, export, check with onnxruntime."""
+    from ..modeling.loading import check_backbone_source, load_backbone
+    from ..modeling.onnx import (
+        DEFAULT_CHECK_SIZES,
+        check_onnx,
+        export_onnx,
+        parse_size,
+        require_onnx_packages,
+        validate_opset,
+        validate_sizes,
+    )
+
+    require_onnx_packages()
+    validate_opset(args.opset)
+    sizes = [parse_size(text) for text in args.check_sizes] if args.check_sizes else list(DEFAULT_CHECK_SIZES)
+    source = Path(args.input)
+    check_backbone_source(args.input)
+    config_file = source / "config.json"
+    if args.check and source.is_dir() and config_file.is_file():  # check sizes vs patch size before loading weights
+        validate_sizes(sizes, json.loads(config_file.read_text()).get("patch_size", 14))
+    model, description = load_backbone(args.input)
+    config = model.config
+    if args.check:
+        validate_sizes(sizes, config.patch_size)  # Meta .pth files and Hub ids: known once loaded
+    processor = None
+    if source.is_dir() and (source / "preprocessor_config.json").is_file():
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(source)  # keep the model's own preprocessing
+    path = export_onnx(model, args.output, opset=args.opset, image_processor=processor, external_data=args.external_data)
+    print(
+        f"Exported {description} -> {path} (opset {args.opset}; batch, height and width dynamic; "
+        f"{config.num_register_tokens} registers, interpolation {config.pos_embed_interpolation})"
+    )
+    if not args.check:
+        return {}
+    differences = check_onnx(path, model, sizes)
+    print("onnxruntime vs PyTorch, max abs difference:")
+    for key, value in differences.items():
+        print(f"  {key}: {value:.1e}")
+    worst = max(differences, key=differences.get)
+    if differences[worst] > args.atol:
+        raise RuntimeError(
+            f"ONNX output {worst} differs from PyTorch by {differences[worst]:.2e} > --atol {args.atol:g}; "
+            f"{path} is written but does not reproduce the model: please report this with the command."
+        )
+    return differences
+

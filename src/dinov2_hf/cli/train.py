@@ -1,0 +1,80 @@
+"""``dinov2-hf train`` and ``dinov2-hf distill``: a recipe plus ``section.key=value`` overrides, run by the Trainer.
+
+Both commands run :func:`run_train`; ``distill --teacher T`` is ``train`` with ``distill.teacher=T``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _add_recipe_arguments(parser, default: str, what: str) -> None:
+    """``--config RECIPE_OR_YAML`` and ``section.key=value`` overrides; both train and distill run ``run_train``."""
+    parser.add_argument("--config", default=default, help=f"recipe name or YAML file (default: {default}, {what})")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parser.set_defaults(func=run_train)
+
+
+def add_train_parsers(subparsers) -> None:
+    """Register ``train`` and ``distill``."""
+    parser = subparsers.add_parser(
+        "train",
+        help="DINOv2 pretraining (also: accelerate launch train.py ...)",
+        description="Train with a recipe shipped in the package (quickstart, cifar10, vits14_single_gpu, vitl16_short, "
+        "vitl14, vitg14) or a YAML file, plus key=value overrides, e.g. data.source=images/ train.output_dir=runs/a.",
+    )
+    _add_recipe_arguments(parser, "quickstart", "on scikit-learn's digits")
+
+    parser = subparsers.add_parser(
+        "distill",
+        help="distil a trained teacher into a smaller student (also: train.py with distill.teacher=...)",
+        description="Distillation as in the DINOv2 paper: the frozen EMA teacher of one of our checkpoints (heads "
+        "included) trains a student; or, from any backbone without heads (a stock transformers Dinov2 folder, a Meta "
+        ".pth, a Hub id), the student regresses its CLS and patch features. The student's EMA is exported. "
+        "Recipes: distill_cifar10, distill_quickstart, distill_vitg14_to_vit{s,b,l}14.",
+    )
+    parser.add_argument("--teacher", required=True, help="a checkpoint-<step> folder of a dinov2_hf run, or any backbone (headless mode)")
+    _add_recipe_arguments(parser, "distill_cifar10", "the student's recipe")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from ..data.shutdown import arrow_threads_finish
+    from ..hub.training import hub_callbacks, push_callback
+    from ..training.config import load_train_config
+    from ..training.trainer import Trainer
+
+    overrides = list(args.overrides) + ([f"distill.teacher={args.teacher}"] if getattr(args, "teacher", None) else [])
+    config = load_train_config(args.config, overrides)  # fails on unknown keys before any work
+    callbacks = hub_callbacks(config)  # checks the push target and token before any work
+    trainer = Trainer(config, callbacks)
+    pusher = push_callback(callbacks)
+    if trainer.accelerator.is_main_process:
+        print(f"dinov2_hf train: {trainer.describe()}; {config.total_steps} steps -> {trainer.output_dir}", flush=True)
+    with arrow_threads_finish():  # else the process can abort at exit (streaming parquet's Arrow threads)
+        result = trainer.train()
+    if result.stop_signal is not None:
+        print(f"stopped by signal {result.stop_signal} at step {result.steps}; checkpoint saved, rerun to resume")
+        raise SystemExit(128 + result.stop_signal)
+    if result.stopped_on_collapse:
+        print(f"stopped at step {result.steps}: the objective collapsed for train.stop_on_collapse="
+              f"{config.train.stop_on_collapse} steps (see the warning above for the keys to change); checkpoint saved")
+        raise SystemExit(3)
+    if result.steps < result.total_steps:
+        print(f"stopped at train.stop_at_step={result.steps} of {result.total_steps} steps; checkpoint saved, "
+              "rerun without train.stop_at_step to resume")
+        return
+    if trainer.accelerator.is_main_process and result.last is not None:
+        last = result.last
+        print(
+            f"step {last['step'] + 1}: loss {last['loss']:.4f}, skipped images {last['skipped_images']}; "
+            f"exported to {result.export_dir}"
+        )
+        if result.final_knn is not None:
+            baseline = f"{result.initial_knn:.1%} at initialisation -> " if result.initial_knn is not None else ""
+            print(f"kNN top-1 (k={config.monitor.k}) on {config.monitor.source}: {baseline}{result.final_knn:.1%} exported")
+        if pusher is not None and pusher.result is not None:
+            print(f"pushed to {pusher.result.repo_url}: {pusher.result.pr_url or pusher.result.commit_url}")
+        elif pusher is not None and pusher.error is not None:
+            print(f"push to {config.hub.repo_id} failed: {pusher.error}; the export is kept. "
+                  f"Retry with: dinov2-hf push {trainer.output_dir} {config.hub.repo_id}")
+            raise SystemExit(1)
