@@ -256,7 +256,7 @@ def save_ours(model: Dinov2HFModel, output_dir: str | Path, crop_size: int = 224
 
 def _processor(crop_size: int):
     """The DINOv2 processor for ``crop_size``, resizing in the released 256:224 proportion."""
-    return dinov2_image_processor(crop_size=crop_size, resize_size=int(round(crop_size * 256 / 224)))
+    return dinov2_image_processor(crop_size=crop_size)
 
 
 # -- Meta checkpoints -----------------------------------------------------------------------------
