@@ -211,7 +211,9 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from .modeling.convert import from_meta, from_transformers, save_ours
+    from .modeling.convert_meta import from_meta
+    from .modeling.convert_transformers import from_transformers
+    from .modeling.save import save_ours
 
     source = Path(args.input)
     if args.source == "meta":
@@ -235,7 +237,7 @@ def run_export(args: argparse.Namespace) -> None:
         run_export_onnx(args)
         return
     from . import Dinov2HFModel
-    from .modeling.convert import export_transformers
+    from .modeling.save import export_transformers
 
     source = Path(args.input)
     if not (source / "config.json").is_file():
