@@ -26,7 +26,7 @@ def main() -> None:
     folder = args.model
     if folder is None:
         from dinov2_hf import Dinov2HFConfig, Dinov2HFModel
-        from dinov2_hf.modeling.convert import export_transformers
+        from dinov2_hf.modeling.save import export_transformers
 
         folder = tempfile.mkdtemp(prefix="dinov2-vits14-")
         # Random weights; LayerScale at 1 (training starts at 1e-5) so that the blocks act on the image.

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 def build_pair(preset: str, dtype: torch.dtype, device: str):
     from dinov2_hf import Dinov2HFConfig, Dinov2HFModel
-    from dinov2_hf.modeling.convert import to_transformers
+    from dinov2_hf.modeling.convert_transformers import to_transformers
 
     torch.manual_seed(0)
     ours = Dinov2HFModel(Dinov2HFConfig.from_preset(preset, layerscale_value=1.0)).eval()

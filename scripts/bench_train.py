@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dinov2_hf.data.collate import MultiCropCollator  # noqa: E402
 from dinov2_hf.data.transforms import MultiCropSettings  # noqa: E402
-from dinov2_hf.modeling.convert import to_transformers  # noqa: E402
+from dinov2_hf.modeling.convert_transformers import to_transformers  # noqa: E402
 from dinov2_hf.objective import (  # noqa: E402
     DinoSettings,
     IbotSettings,

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dinov2_hf import Dinov2HFConfig, Dinov2HFModel  # noqa: E402
-from dinov2_hf.modeling.convert import to_transformers  # noqa: E402
+from dinov2_hf.modeling.convert_transformers import to_transformers  # noqa: E402
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

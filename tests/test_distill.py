@@ -145,7 +145,7 @@ def test_feature_distillation_learns_the_teacher_features_on_another_grid():
     torch.manual_seed(0)
     stock = Dinov2Model(Dinov2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
                                      image_size=56, patch_size=14)).eval()
-    from dinov2_hf.modeling.convert import from_transformers
+    from dinov2_hf.modeling.convert_transformers import from_transformers
 
     teacher = from_transformers(stock)
     config = student_config()
@@ -192,7 +192,7 @@ def test_feature_distillation_from_a_stock_transformers_folder(cifar_dir, tmp_pa
 def test_standardize_is_per_channel_and_feature_targets_ignore_what_all_images_share():
     from transformers import Dinov2Config, Dinov2Model
 
-    from dinov2_hf.modeling.convert import from_transformers
+    from dinov2_hf.modeling.convert_transformers import from_transformers
     from dinov2_hf.objective.distill import FeatureDistillMetaArch, standardize
 
     features = torch.tensor([[1.0, 10.0], [3.0, 10.5], [5.0, 11.0]])
@@ -229,7 +229,7 @@ def test_a_bf16_teacher_gives_the_fp32_teachers_targets_within_bf16_rounding():
     from fp32 crops on a CPU too; its logits reach the centering in fp32, the student stays fp32."""
     from transformers import Dinov2Config, Dinov2Model
 
-    from dinov2_hf.modeling.convert import from_transformers
+    from dinov2_hf.modeling.convert_transformers import from_transformers
     from dinov2_hf.objective.distill import FeatureDistillMetaArch
 
     batch = fake_batch(student_config())
@@ -289,7 +289,7 @@ def test_every_trainable_student_parameter_gets_a_gradient(mode):
     must be frozen."""
     from transformers import Dinov2Config, Dinov2Model
 
-    from dinov2_hf.modeling.convert import from_transformers
+    from dinov2_hf.modeling.convert_transformers import from_transformers
     from dinov2_hf.objective.distill import FeatureDistillMetaArch
 
     if mode == "self_distillation_without_ibot":

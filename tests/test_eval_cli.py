@@ -13,8 +13,8 @@ from dinov2_hf.cli import main
 from dinov2_hf.data.sources import DataSettings, load_image_stream
 from dinov2_hf.eval.features import labelled_images
 from dinov2_hf.eval.knn import knn_classify
-from dinov2_hf.modeling.convert import export_transformers
 from dinov2_hf.modeling.processor import dinov2_image_processor
+from dinov2_hf.modeling.save import export_transformers
 
 TRAIN = "train-00000-of-00005.parquet"
 TEST = "test-00000-of-00001.parquet"
@@ -78,7 +78,7 @@ def test_missing_dataset_and_unknown_task(tmp_path, capsys):
 
 
 def test_eval_retrieval_and_copy_detection(tmp_path, cifar_dir, tiny_kwargs):
-    from dinov2_hf.modeling.convert import save_ours
+    from dinov2_hf.modeling.save import save_ours
 
     # LayerScale 0.5 (not 1e-5): a fresh init's blocks barely touch the tokens, so all CLS would be nearly equal.
     torch.manual_seed(0)
@@ -134,7 +134,7 @@ def write_pasted_parquet(folder, cifar_dir, n_train=24, n_test=8):
 
 
 def test_eval_segmentation_depth_and_figures(tmp_path, cifar_dir, tiny_kwargs):
-    from dinov2_hf.modeling.convert import save_ours
+    from dinov2_hf.modeling.save import save_ours
 
     data = tmp_path / "pasted"
     data.mkdir()

@@ -13,14 +13,8 @@ from safetensors.torch import save_file
 from transformers import Dinov2Config, Dinov2Model
 
 from dinov2_hf import Dinov2HFConfig, Dinov2HFModel
-from dinov2_hf.modeling.convert import (
-    export_transformers,
-    from_transformers,
-    ours_to_transformers_state_dict,
-    save_ours,
-    to_transformers,
-    transformers_to_ours_state_dict,
-)
+from dinov2_hf.modeling.convert_transformers import from_transformers, to_transformers
+from dinov2_hf.modeling.save import export_transformers, save_ours
 
 
 def tiny_model(tiny_kwargs, **overrides):
@@ -38,33 +32,20 @@ def test_round_trip_is_exact(tiny_kwargs, overrides):
     assert back.config.pos_embed_interpolation == ours.config.pos_embed_interpolation
 
 
-def test_legacy_on_disk_names(tiny_kwargs):
-    """Raw state dicts of facebook/dinov2-* use the legacy names; they map onto ours exactly."""
-    ours = tiny_model(tiny_kwargs, use_swiglu_ffn=True)
-    in_memory = ours_to_transformers_state_dict(ours.state_dict())
-    legacy = {}
-    for key, value in in_memory.items():
-        key = key.replace("attention.q_proj", "attention.attention.query").replace("attention.k_proj", "attention.attention.key")
-        key = key.replace("attention.v_proj", "attention.attention.value").replace("attention.o_proj", "attention.output.dense")
-        key = key.replace("mlp.down_proj", "mlp.weights_out")
-        legacy[key] = value
-    for key in [k for k in legacy if ".mlp.gate_proj." in k]:
-        up_key = key.replace("gate_proj", "up_proj")
-        legacy[key.replace("gate_proj", "weights_in")] = torch.cat([legacy.pop(key), legacy.pop(up_key)])
-    converted = transformers_to_ours_state_dict(legacy)
-    assert converted.keys() == ours.state_dict().keys()
-    assert all(torch.equal(converted[k], v) for k, v in ours.state_dict().items())
-
-
-def test_local_legacy_checkpoint_folder(tiny_kwargs, tmp_path):
-    """A folder laid out like facebook/dinov2-small (legacy keys in model.safetensors) converts and matches."""
-    reference = randomize_(Dinov2Model(Dinov2Config(**tiny_kwargs))).eval()
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_local_legacy_checkpoint_folder(tiny_kwargs, tmp_path, swiglu):
+    """A folder laid out like facebook/dinov2-small (legacy keys in model.safetensors) converts and matches:
+    transformers renames the legacy keys on load (the SwiGLU ones as facebook/dinov2-giant holds them)."""
+    reference = randomize_(Dinov2Model(Dinov2Config(**{**tiny_kwargs, "use_swiglu_ffn": swiglu}))).eval()
     reference.config.save_pretrained(tmp_path)
     legacy = {}
     for key, value in reference.state_dict().items():
         key = key.replace("attention.q_proj", "attention.attention.query").replace("attention.k_proj", "attention.attention.key")
         key = key.replace("attention.v_proj", "attention.attention.value").replace("attention.o_proj", "attention.output.dense")
+        key = key.replace("mlp.down_proj", "mlp.weights_out")
         legacy[key] = value.contiguous()
+    for key in [k for k in legacy if ".mlp.gate_proj." in k]:  # gate and up fused, as on disk
+        legacy[key.replace("gate_proj", "weights_in")] = torch.cat([legacy.pop(key), legacy.pop(key.replace("gate_proj", "up_proj"))])
     save_file(legacy, tmp_path / "model.safetensors", metadata={"format": "pt"})
     ours = from_transformers(tmp_path)
     x = torch.randn(1, 3, 224, 224)
@@ -187,7 +168,7 @@ def test_load_backbone_every_source(tiny_kwargs, tmp_path):
     from test_meta_conversion import meta_state_dict
 
     from dinov2_hf.modeling import load_backbone
-    from dinov2_hf.modeling.convert import from_meta
+    from dinov2_hf.modeling.convert_meta import from_meta
 
     model = tiny_model(tiny_kwargs)
     save_ours(model, tmp_path / "ours")

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinov2_hf.modeling.convert import from_meta, infer_config_from_meta, meta_to_ours_state_dict
+from dinov2_hf.modeling.convert_meta import from_meta, infer_config_from_meta, meta_to_ours_state_dict
 
 
 def meta_state_dict(dim=64, depth=2, patch=14, grid=4, registers=0, swiglu_hidden=None, seed=0, chunks=0):

@@ -5,7 +5,7 @@ import torch
 from conftest import randomize_
 from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-from dinov2_hf.modeling.convert import from_transformers
+from dinov2_hf.modeling.convert_transformers import from_transformers
 
 SIZES = [(224, 224), (518, 518), (168, 308)]  # native, 518 px (37x37 grid), non-square non-native
 

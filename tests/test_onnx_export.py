@@ -26,8 +26,8 @@ from transformers import (
 
 from dinov2_hf import Dinov2HFConfig, Dinov2HFModel
 from dinov2_hf.cli import main
-from dinov2_hf.modeling.convert import _processor
 from dinov2_hf.modeling.onnx import bicubic_matrix, check_onnx, export_onnx, require_onnx_packages
+from dinov2_hf.modeling.processor import dinov2_image_processor
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
@@ -109,7 +109,7 @@ def test_cli_from_stock_transformers_folder(tiny_kwargs, tmp_path, registers):
         stock = Dinov2Model(Dinov2Config(**tiny_kwargs))
     stock = randomize_(stock).eval()
     stock.save_pretrained(tmp_path / "stock")
-    _processor(112).save_pretrained(tmp_path / "stock")  # the folder's own preprocessing is kept
+    dinov2_image_processor(crop_size=112).save_pretrained(tmp_path / "stock")  # the folder's own preprocessing is kept
     assert main(["export", "--to", "onnx", str(tmp_path / "stock"), str(tmp_path / "onnx")]) == 0
     assert_matches(tmp_path / "onnx" / "model.onnx", stock, [(2, 224, 224), (1, 154, 322)])
     config = AutoConfig.from_pretrained(tmp_path / "onnx")

@@ -25,7 +25,9 @@ def add_convert_parser(subparsers) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from ..modeling.convert import from_meta, from_transformers, save_ours
+    from ..modeling.convert_meta import from_meta
+    from ..modeling.convert_transformers import from_transformers
+    from ..modeling.save import save_ours
 
     source = Path(args.input)
     if args.source == "meta":

@@ -41,6 +41,8 @@ def add_eval_parser(subparsers) -> None:
     data.add_argument("--max-test", type=int, help="use at most this many test images")
     run = parser.add_argument_group("features")
     run.add_argument("--batch-size", type=int, default=64)
+    # 256 is modeling.processor.resize_for_crop(224), written out so that parsing imports no torch; it does not
+    # follow --crop-size (a larger crop alone is refused below rather than resized differently)
     run.add_argument("--resize-size", type=int, default=256, help="shortest edge before the center crop (default 256)")
     run.add_argument("--crop-size", type=int, default=224, help="center crop (default 224)")
     run.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding and preprocessing (default 0: "

@@ -50,7 +50,7 @@ def run_export(args: argparse.Namespace) -> None:
         run_export_onnx(args)
         return
     from ..modeling import Dinov2HFModel
-    from ..modeling.convert import export_transformers
+    from ..modeling.save import export_transformers
 
     source = Path(args.input)
     if not (source / "config.json").is_file():

@@ -33,7 +33,7 @@ class EmbedSettings:
     preset: str = "vits14"
     overrides: dict = field(default_factory=dict)  # config fields of the random ``preset``, e.g. num_hidden_layers
     image_size: int = 224  # center crop
-    resize_size: int | None = None  # shortest edge before the crop; default image_size * 256 / 224
+    resize_size: int | None = None  # shortest edge before the crop; default resize_for_crop(image_size): 256 for 224
     batch_size: int = 64
     num_workers: int = 0  # DataLoader workers that decode and preprocess (0: in the main process)
     shard_size: int = 8192  # rows per embedding shard: the unit of resumption

@@ -74,14 +74,14 @@ class BackboneEmbedder:
     """
 
     def __init__(self, settings: EmbedSettings, seed: int = 0) -> None:
+        from ..modeling import dinov2_image_processor, resize_for_crop
+
         self.settings, self.seed = settings, seed
-        self.resize = settings.resize_size or round(settings.image_size * 256 / 224)
+        self.resize = settings.resize_size or resize_for_crop(settings.image_size)
         source = settings.model if settings.model is not None else f"random {settings.preset} {settings.overrides} seed {seed}"
         # What makes two embedding runs comparable: a rerun with another signature must not reuse shards.
         self.signature = f"{source} | crop {settings.image_size} resize {self.resize} | {settings.dtype}"
         self.model = None
-        from ..modeling import dinov2_image_processor
-
         self.processor = dinov2_image_processor(crop_size=settings.image_size, resize_size=self.resize)
 
     def load(self) -> None:

@@ -4,7 +4,8 @@ Features are L2-normalised, similarity is the cosine, and each of the k nearest 
 votes for its class with weight ``exp(similarity / T)`` (T = 0.07). The search is chunked over
 test *and* training samples, keeping a running top-k and normalising training chunks on the fly,
 so beyond the features themselves memory is one ``chunk_size x train_chunk_size`` block: 1M x
-1024-d training features (4 GB in fp32, 2 GB if given in fp16/bf16) are searched with ~0.5 GB on top. Several k are scored from one top-k search; runs on the features' device.
+1024-d training features (4 GB in fp32, 2 GB if given in fp16/bf16) are searched with ~0.5 GB on top.
+Several k are scored from one top-k search (:func:`.similarity.topk_cosine`); runs on the features' device.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+
+from .similarity import topk_cosine
 
 
 def _check(train_features, train_labels, test_features, test_labels=None) -> None:
@@ -24,30 +26,6 @@ def _check(train_features, train_labels, test_features, test_labels=None) -> Non
         raise ValueError("each feature matrix needs one label per row.")
     if len(train_features) == 0:
         raise ValueError("the training set is empty.")
-
-
-@torch.no_grad()
-def topk_cosine(
-    queries: torch.Tensor, database: torch.Tensor, k: int, train_chunk_size: int = 65_536
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(similarities, indices) of the ``k`` most cosine-similar database rows for each query row.
-
-    ``queries`` must be L2-normalised; the database is normalised chunk by chunk as it is scanned
-    (with a running top-k), so no normalised copy of it is ever held: memory is the database itself
-    plus one ``queries x train_chunk_size`` block.
-    """
-    k = min(k, len(database))
-    best_sim = best_idx = None
-    for start in range(0, len(database), train_chunk_size):
-        chunk = F.normalize(database[start : start + train_chunk_size].to(queries.device, torch.float32), dim=1)
-        sim, idx = (queries @ chunk.t()).topk(min(k, len(chunk)), dim=1)
-        idx += start
-        if best_sim is not None:
-            merged = torch.cat([best_sim, sim], dim=1)
-            sim, order = merged.topk(min(k, merged.shape[1]), dim=1)
-            idx = torch.cat([best_idx, idx], dim=1).gather(1, order)
-        best_sim, best_idx = sim, idx
-    return best_sim, best_idx
 
 
 @torch.no_grad()
@@ -69,14 +47,14 @@ def knn_predict(
     """
     _check(train_features, train_labels, test_features)
     device = torch.device(device) if device is not None else train_features.device
-    train = train_features.to(device)  # normalised chunk by chunk in topk_cosine: no second copy
+    train = train_features.to(device)  # moved once; normalised chunk by chunk in topk_cosine: no second copy
     train_labels = train_labels.to(device).long()
     num_classes = num_classes or int(train_labels.max().item()) + 1
     max_k = min(max(ks), len(train))
     predictions: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
-    for start in range(0, len(test_features), chunk_size):
-        test = F.normalize(test_features[start : start + chunk_size].to(device, torch.float32), dim=1)
-        similarity, index = topk_cosine(test, train, max_k, train_chunk_size)
+    for start in range(0, len(test_features), chunk_size):  # votes per test chunk, too
+        test = test_features[start : start + chunk_size]
+        similarity, index = topk_cosine(test, train, max_k, train_chunk_size, chunk_size, device)
         weights = (similarity / temperature).exp()
         neighbour_labels = train_labels[index]
         for k in ks:

@@ -23,8 +23,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+from .similarity import cosine_blocks, topk_cosine
 
 PROTOCOLS = {  # setup: (positive lists, ignored lists)
     "easy": (("easy",), ("junk", "hard")),
@@ -37,11 +38,11 @@ def cosine_ranking(queries: torch.Tensor, database: torch.Tensor, chunk_size: in
     """(n_queries, n_database) database indices sorted by decreasing cosine similarity."""
     if queries.ndim != 2 or database.ndim != 2 or queries.shape[1] != database.shape[1]:
         raise ValueError(f"features must be (n, dim) with the same dim; got {tuple(queries.shape)} and {tuple(database.shape)}.")
-    database = F.normalize(database.float(), dim=1)
-    chunks = []
-    for start in range(0, len(queries), chunk_size):
-        similarity = F.normalize(queries[start : start + chunk_size].float(), dim=1) @ database.t()
-        chunks.append(similarity.argsort(dim=1, descending=True, stable=True).cpu().numpy())
+    # a top-k with k = the whole database, over the whole database at once (one product and one stable sort),
+    # called per query chunk so that only the ranking, gathered on the CPU, grows with the queries
+    everything = max(1, len(database))
+    chunks = [topk_cosine(queries[start : start + chunk_size], database, everything, everything)[1].cpu().numpy()
+              for start in range(0, len(queries), chunk_size)]
     return np.concatenate(chunks)
 
 
@@ -148,11 +149,11 @@ def copy_detection_metrics(
         raise ValueError(f"features must be (n, dim) with the same dim; got {tuple(query_features.shape)} and {tuple(database_features.shape)}.")
     if len(sources) != len(query_features):
         raise ValueError(f"{len(query_features)} queries but {len(sources)} source indices.")
-    database = F.normalize(database_features.float(), dim=1)
     sources_t = torch.as_tensor(list(sources), dtype=torch.long)
     ranks = []
-    for start in range(0, len(query_features), chunk_size):
-        similarity = F.normalize(query_features[start : start + chunk_size].float(), dim=1) @ database.t()
+    # whole database rows per block: the source's similarity must come from the same product it is compared in
+    blocks = cosine_blocks(query_features, database_features, chunk_size, len(database_features))
+    for start, _, similarity in blocks:
         own = similarity.gather(1, sources_t[start : start + chunk_size, None].to(similarity.device))
         ranks.append((similarity > own).sum(1).cpu())
     ranks = torch.cat(ranks).double()

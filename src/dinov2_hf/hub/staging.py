@@ -151,8 +151,8 @@ def _stage_backbones(run: RunSource, stock_dir: Path | None, ours_dir: Path | No
     convert the one export there is); the EMA heads and the recipe go beside our format."""
     from safetensors.torch import save_file
 
-    from ..modeling.convert import export_transformers, save_ours
     from ..modeling.loading import load_backbone
+    from ..modeling.save import export_transformers, save_ours
 
     backbone, heads, crop = None, {}, None
     if run.checkpoint is not None and run.config is not None:

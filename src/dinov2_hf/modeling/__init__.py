@@ -3,7 +3,7 @@
 from .configuration_dinov2_hf import PRESETS, Dinov2HFConfig
 from .loading import load_backbone
 from .modeling_dinov2_hf import Dinov2HFBackbone, Dinov2HFModel, Dinov2HFModelOutput, Dinov2HFPreTrainedModel
-from .processor import dinov2_image_processor
+from .processor import dinov2_image_processor, resize_for_crop
 
 __all__ = [
     "PRESETS",
@@ -14,4 +14,5 @@ __all__ = [
     "Dinov2HFPreTrainedModel",
     "dinov2_image_processor",
     "load_backbone",
+    "resize_for_crop",
 ]

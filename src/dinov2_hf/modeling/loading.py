@@ -49,7 +49,8 @@ def load_backbone(source: str | Path | None = None, preset: str = "vits14") -> t
     a Meta ``.pth`` file, or a Hub model id of either format (read from the local cache when
     ``HF_HUB_OFFLINE=1``).
     """
-    from .convert import from_meta, from_transformers
+    from .convert_meta import from_meta
+    from .convert_transformers import from_transformers
 
     if source is None:
         # LayerScale 1, not the official 1e-5: with 1e-5 every image has almost the same CLS token, and a

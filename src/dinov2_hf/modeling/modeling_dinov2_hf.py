@@ -5,7 +5,7 @@ transformers and its configuration file) because it is copied next to every save
 that ``trust_remote_code=True`` loading works without ``dinov2_hf`` installed.
 
 Layout of the weights (conversion to transformers' and Meta's layouts is a rename table in
-``dinov2_hf.modeling.convert``)::
+``dinov2_hf.modeling.convert_transformers`` and ``convert_meta``)::
 
     embeddings.{cls_token, mask_token, register_tokens, position_embeddings}
     embeddings.patch_embeddings.projection.{weight, bias}

@@ -204,11 +204,11 @@ def _example_input(config) -> torch.Tensor:
 
 def _save_config(model: Dinov2HFModel, output_dir: Path) -> None:
     """A stock transformers config where one exists (what optimum / onnxruntime tooling reads), else ours."""
-    from .convert import config_to_transformers
+    from .convert_transformers import config_to_transformers
 
     try:
         # The graph carries its own resize: the warning that stock models resize "meta" models differently is moot.
-        with _logger_level("dinov2_hf.modeling.convert", logging.ERROR):
+        with _logger_level("dinov2_hf.modeling.convert_transformers", logging.ERROR):
             config = config_to_transformers(model.config)
     except ValueError:  # an architecture stock transformers cannot express
         config = model.config
@@ -266,9 +266,9 @@ def export_onnx(
     program.save(str(path), external_data=external_data)
     _save_config(model, output_dir)
     if image_processor is None:
-        from .convert import _processor
+        from .processor import dinov2_image_processor
 
-        image_processor = _processor(224)
+        image_processor = dinov2_image_processor()
     image_processor.save_pretrained(output_dir)
     return path
 

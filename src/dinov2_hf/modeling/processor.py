@@ -2,7 +2,7 @@
 
 transformers registers DINOv2 with a BitImageProcessor whose defaults are not DINOv2's; the
 released checkpoints use: resize the shortest edge to 256 (bicubic), center crop 224, ImageNet
-mean and standard deviation.
+mean and standard deviation. Other crops keep that 256:224 proportion (:func:`resize_for_crop`).
 """
 
 from __future__ import annotations
@@ -12,11 +12,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
 
 
-def dinov2_image_processor(crop_size: int = 224, resize_size: int = 256):
+def resize_for_crop(crop_size: int) -> int:
+    """The shortest edge to resize to before a center crop of ``crop_size``: the released 256:224 proportion
+    (224 -> 256, 518 -> 592)."""
+    return round(crop_size * 256 / 224)
+
+
+def dinov2_image_processor(crop_size: int = 224, resize_size: int | None = None):
     """A BitImageProcessor configured for DINOv2 (saved as ``image_processor_type: BitImageProcessor``).
 
-    Uses the PIL backend when torchvision is not installed, so that it works everywhere.
+    ``resize_size`` defaults to :func:`resize_for_crop` of ``crop_size``. Uses the PIL backend when
+    torchvision is not installed, so that it works everywhere.
     """
+    resize_size = resize_size or resize_for_crop(crop_size)
     from transformers.utils import is_torchvision_available
 
     if is_torchvision_available():

@@ -8,7 +8,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..modeling import Dinov2HFModel
-from ..modeling.convert import export_transformers, save_ours
+from ..modeling.save import export_transformers, save_ours
 from .parallelize import full_state_dict
 from .run_dir import OURS_FORMAT, STOCK_FORMAT, RunDir
 
