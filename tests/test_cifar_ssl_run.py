@@ -17,8 +17,8 @@ from datasets import load_dataset
 from dinov2_hf.data.collate import MultiCropCollator
 from dinov2_hf.data.transforms import BatchedPhotometric, MultiCropGeometry
 from dinov2_hf.objective import SSLMetaArch, build_schedules, param_groups
-from dinov2_hf.objective.config import load_recipe
 from dinov2_hf.objective.step import augment_batch, training_step
+from dinov2_hf.training.config import load_train_config
 
 OVERRIDES = [
     "model.overrides.hidden_size=96",
@@ -42,7 +42,7 @@ OVERRIDES = [
 
 def run(cifar_dir, steps: int | None = None, overrides: tuple[str, ...] = ()) -> list[dict]:
     torch.manual_seed(0)
-    config = load_recipe("cifar10", OVERRIDES + list(overrides))
+    config = load_train_config("cifar10", OVERRIDES + list(overrides))
     batch_size = config.train.batch_size_per_device
     stream = load_dataset("parquet", data_files=str(cifar_dir / "train-00000-of-00005.parquet"), split="train", streaming=True)
     geometry = MultiCropGeometry(config.crops, seed=0)
