@@ -11,6 +11,7 @@ uninterrupted order. Both give the same next batch, which the script checks.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -41,8 +42,10 @@ def replay(batches: Batches, crops, skipped: int) -> tuple[dict, float, DataPosi
 def resume(batches: Batches, crops, position: DataPosition) -> tuple[dict, float]:
     """The next batch after ``position`` without replaying the pass (the new resume), and the seconds to it."""
     start = time.perf_counter()
-    batch = next(iter(batches.loader(0, crops, position)))
-    return batch, time.perf_counter() - start
+    loader = iter(batches.loader(0, crops, position))
+    batch = next(loader)
+    seconds = time.perf_counter() - start  # before the loader is dropped: shutting its workers down is not resuming
+    return batch, seconds
 
 
 def main() -> None:
@@ -64,6 +67,7 @@ def main() -> None:
     for fraction in args.fractions:
         skipped = int(fraction * args.images) // args.batch
         replayed, replay_seconds, position = replay(batches, config.crops, skipped)
+        gc.collect()  # the replayed loader's workers are shut down before the resume is timed
         resumed, skip_seconds = resume(batches, config.crops, position)
         same = all(torch.equal(resumed[k], replayed[k]) for k in ("global_crops", "local_crops", "rows", "worker"))
         results.append({"fraction": fraction, "batches_skipped": skipped, "images_skipped": skipped * args.batch,
