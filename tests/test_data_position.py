@@ -85,17 +85,18 @@ def test_skipped_rows_are_not_decoded_and_the_rest_is_unchanged(cifar_dir, tmp_p
         assert (a["labels"], a["rows"], a["skipped"]) == (b["labels"], b["rows"], b["skipped"])
 
 
-@pytest.mark.parametrize("stop_at", [5, 11])
-def test_resume_with_two_workers_continues_the_trajectory(cifar_dir, tmp_path, stop_at):
+def test_resume_with_two_workers_continues_the_trajectory(cifar_dir, tmp_path):
     """Two DataLoader workers over three uneven shards with bad images (a pass is 8 batches, one worker runs out
-    first): runs stopped in the first and in the second pass resume onto the uninterrupted run's losses and
-    skipped-image counts."""
+    first): runs stopped in the first (step 5) and in the second pass (step 11) resume onto the uninterrupted
+    run's losses and skipped-image counts."""
     data = write_shards(cifar_dir, tmp_path / "data")
     extra, settings = ("schedule.epochs=8",), {"num_workers": 2, "batch_size_per_device": 8}
     full = Trainer(tiny_config(data, tmp_path / "full", extra, **settings)).train().history
-    Trainer(tiny_config(data, tmp_path / "resumed", extra, stop_at_step=stop_at, **settings)).train()
-    resumed = Trainer(tiny_config(data, tmp_path / "resumed", extra, **settings)).train().history
-    assert [r["step"] for r in resumed] == list(range(stop_at, len(full)))
-    for a, b in zip(resumed, full[stop_at:]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6), (a["step"], a["loss"], b["loss"])
-        assert a["skipped_images"] == b["skipped_images"]
+    for stop_at in (5, 11):
+        output = tmp_path / f"resumed_{stop_at}"
+        Trainer(tiny_config(data, output, extra, stop_at_step=stop_at, **settings)).train()
+        resumed = Trainer(tiny_config(data, output, extra, **settings)).train().history
+        assert [r["step"] for r in resumed] == list(range(stop_at, len(full)))
+        for a, b in zip(resumed, full[stop_at:]):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6), (stop_at, a["step"], a["loss"], b["loss"])
+            assert a["skipped_images"] == b["skipped_images"]

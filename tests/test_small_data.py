@@ -263,15 +263,16 @@ def test_flip_probability_zero_never_flips_and_keeps_the_crop_stream():
 
 @pytest.mark.parametrize("recipe", ["quickstart", "cifar10_cpu"])
 def test_small_data_recipes_do_not_flat_collapse(recipe, cifar_dir, tmp_path):
-    """60 steps of each recipe as shipped (schedules fitted to them): after the first 20 steps the teacher's targets
-    are far from uniform (normalised entropy <= 0.96; the official settings give > 0.98 here, and the full runs of
-    scripts/bench_recipes.py stay under the issue's 0.95) and spread over the prototypes (batch entropy >= 0.9:
-    no one-prototype collapse)."""
-    overrides = [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=60", "monitor.every=0", "train.num_workers=0"]
+    """The first 40 steps of each recipe as shipped (its own schedules; ``train.stop_at_step``): from step 25 on the
+    teacher's targets are far from uniform (normalised entropy <= 0.95, the issue's bound; about 0.88 at step 40
+    on the digits, 0.68 on CIFAR-10; the official settings stay above 0.98) and spread over the prototypes
+    (batch entropy >= 0.9: no one-prototype collapse)."""
+    overrides = [f"train.output_dir={tmp_path / 'run'}", "train.stop_at_step=40", "monitor.every=0", "train.num_workers=0"]
     if recipe == "cifar10_cpu":
         overrides.append(f"data.source={write_cifar_subset(cifar_dir, tmp_path / 'data', rows=1000)}")
     history = Trainer(load_train_config(recipe, overrides)).train().history
-    late = history[20:]
-    assert max(r["teacher_entropy"] for r in late) <= 0.96, [round(r["teacher_entropy"], 3) for r in history]
+    assert len(history) == 40
+    late = history[25:]
+    assert max(r["teacher_entropy"] for r in late) <= 0.95, [round(r["teacher_entropy"], 3) for r in history]
     assert min(r["teacher_batch_entropy"] for r in late) >= 0.9
     assert not any(r["collapse"] for r in late)
