@@ -275,9 +275,7 @@ def test_gradient_accumulation_trains_on_micro_batches(cifar_dir, tmp_path):
     history = trainer.train().history
     assert [r["step"] for r in history] == [0, 1, 2, 3]
     assert trainer.batches_in_epoch % 2 == 0  # whole steps of two loader batches each
-    assert all(math.isfinite(r["loss"]) for r in history)
-    with pytest.raises(ValueError, match="gradient_accumulation_steps=0 must be at least 1"):
-        Trainer(tiny_config(data, tmp_path / "bad", gradient_accumulation_steps=0))
+    assert all(math.isfinite(r["loss"]) for r in history)  # 0 micro-batches fails at load: test_config_errors.py
 
 
 def test_training_step_accumulates_like_the_mean_loss():

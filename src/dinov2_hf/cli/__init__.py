@@ -10,6 +10,7 @@ loading any weights; the heavy imports stay inside the run functions, so ``--hel
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 
 from .convert import add_convert_parser
@@ -21,8 +22,19 @@ from .push import add_push_parsers
 from .train import add_train_parsers
 
 
+def package_version() -> str:
+    """The installed distribution's version (``__version__`` when running from a source tree not installed)."""
+    try:
+        return importlib.metadata.version("dinov2-hf")
+    except importlib.metadata.PackageNotFoundError:
+        from .. import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinov2-hf", description="DINOv2 pretraining on the Hugging Face stack.")
+    parser.add_argument("--version", action="version", version=f"dinov2-hf {package_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_demo_parser(subparsers)
     add_train_parsers(subparsers)
@@ -35,7 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse fills a nargs="*" positional from one run of values only, so overrides written after an option
+        # (``distill a.b=c --teacher X d.e=f``) come back unrecognised; they are overrides all the same. Anything
+        # that looks like an option (a misspelt flag) is still an error.
+        if getattr(args, "overrides", None) is None or any(arg.startswith("-") for arg in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         args.func(args)
     except (FileNotFoundError, ValueError, RuntimeError, ImportError) as error:

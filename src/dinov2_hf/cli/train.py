@@ -9,8 +9,11 @@ import argparse
 
 
 def _add_recipe_arguments(parser, default: str, what: str) -> None:
-    """``--config RECIPE_OR_YAML`` and ``section.key=value`` overrides; both train and distill run ``run_train``."""
+    """``--config RECIPE_OR_YAML``, ``--print-config`` and ``section.key=value`` overrides; both train and distill
+    run ``run_train``."""
     parser.add_argument("--config", default=default, help=f"recipe name or YAML file (default: {default}, {what})")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved recipe (overrides applied) as YAML and exit without building anything")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     parser.set_defaults(func=run_train)
 
@@ -38,13 +41,23 @@ def add_train_parsers(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from ..data.shutdown import arrow_threads_finish
-    from ..hub.training import hub_callbacks, push_callback
     from ..training.config import load_train_config
-    from ..training.trainer import Trainer
 
     overrides = list(args.overrides) + ([f"distill.teacher={args.teacher}"] if getattr(args, "teacher", None) else [])
     config = load_train_config(args.config, overrides)  # fails on unknown keys before any work
+    if getattr(args, "print_config", False):
+        import yaml
+
+        from ..config_utils import to_dict
+
+        # Every key, defaults included: the output is itself a recipe (``--config printed.yaml``).
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        return
+
+    from ..data.shutdown import arrow_threads_finish
+    from ..hub.training import hub_callbacks, push_callback
+    from ..training.trainer import Trainer
+
     callbacks = hub_callbacks(config)  # checks the push target and token before any work
     trainer = Trainer(config, callbacks)
     pusher = push_callback(callbacks)

@@ -12,7 +12,7 @@ from typing import Literal
 
 from ..config_utils import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from ..data.sources import DataSettings
-from ..modeling.configuration_dinov2_hf import check_preset
+from ..modeling.configuration_dinov2_hf import check_overrides, check_preset
 
 
 @dataclass
@@ -42,6 +42,7 @@ class EmbedSettings:
 
     def __post_init__(self) -> None:
         check_preset(self.preset)
+        check_overrides(self.overrides, "embed.overrides")
 
 
 @dataclass

@@ -1,12 +1,14 @@
 """Configuration of the DINOv2 vision transformer (``model_type="dinov2_hf"``).
 
-This file is self-contained (it imports only ``transformers``) because it is copied next to every
+This file is self-contained (it imports only ``transformers`` and the standard library) because it is copied next to every
 saved checkpoint, so that ``AutoModel.from_pretrained(dir, trust_remote_code=True)`` works in a
 process that does not have ``dinov2_hf`` installed.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -160,6 +162,30 @@ class Dinov2HFConfig(BackboneConfigMixin, PretrainedConfig):
     def num_patches(self) -> int:
         """Patches covered by the learned position embeddings (the native grid)."""
         return (self.image_size // self.patch_size) ** 2
+
+
+def config_fields() -> list[str]:
+    """The fields a preset override may set: the named parameters of :class:`Dinov2HFConfig`."""
+    parameters = inspect.signature(Dinov2HFConfig.__init__).parameters.values()
+    return sorted(p.name for p in parameters if p.name != "self" and p.kind is not p.VAR_KEYWORD)
+
+
+def check_overrides(overrides: dict[str, Any], key: str) -> None:
+    """Fail unless every key of ``overrides`` is a :func:`config_fields` name; ``key`` names the setting.
+
+    ``Dinov2HFConfig`` keeps unknown keyword arguments as attributes (``PretrainedConfig``), so a misspelt
+    override such as ``num_hiden_layers`` would otherwise build the preset's model without a word.
+    """
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{key} must be a mapping of config fields to values, e.g. {{num_hidden_layers: 6}}; got {overrides!r}.")
+    fields = config_fields()
+    unknown = sorted(str(name) for name in overrides if name not in fields)
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hints.append(f"{key}.{name}" + (f" (did you mean {key}.{close[0]}?)" if close else ""))
+        raise ValueError(f"Unknown model field(s): {', '.join(hints)}. Valid fields of {key}: {', '.join(fields)}.")
 
 
 __all__ = ["Dinov2HFConfig", "PRESETS", "swiglu_hidden_size"]

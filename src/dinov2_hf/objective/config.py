@@ -12,13 +12,14 @@ from typing import Any, Literal
 
 from ..config_utils import apply_overrides, from_dict, load_yaml
 from ..data.transforms import MultiCropSettings
-from ..modeling.configuration_dinov2_hf import check_preset
+from ..modeling.configuration_dinov2_hf import check_overrides, check_preset
 from .schedules import ScheduleSettings
 
 
 @dataclass
 class ModelSettings:
-    """Student architecture: a preset name plus any ``Dinov2HFConfig`` field as an override."""
+    """Student architecture: a preset name plus any ``Dinov2HFConfig`` field as an override
+    (a name that is not one fails at load, with the valid ones)."""
 
     preset: str = "vits14"
     drop_path_rate: float = 0.3
@@ -27,6 +28,7 @@ class ModelSettings:
 
     def __post_init__(self) -> None:
         check_preset(self.preset)
+        check_overrides(self.overrides, "model.overrides")
 
 
 @dataclass

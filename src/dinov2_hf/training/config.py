@@ -165,6 +165,18 @@ class TrainConfig(SSLConfig):
             value = getattr(self.train, key)
             if value is not None and value < 1:
                 raise ValueError(f"train.{key}={value} must be at least 1 (leave it unset for the recipe's own length).")
+        # Checked here, not where they are used: a zero fails only after the first step (save_every: a
+        # ZeroDivisionError), after the first checkpoint (keep_last) or deep in torch (batch_size_per_device).
+        for key, what in (("batch_size_per_device", "images per device and micro-batch"),
+                          ("gradient_accumulation_steps", "micro-batches per optimizer step; 1: no accumulation"),
+                          ("save_every", "steps between checkpoints"),
+                          ("keep_last", "checkpoints kept"),
+                          ("log_every", "steps between logged metrics")):
+            value = getattr(self.train, key)
+            if value < 1:
+                raise ValueError(f"train.{key}={value} must be at least 1 ({what}).")
+        if self.train.num_workers < 0:
+            raise ValueError(f"train.num_workers={self.train.num_workers} must be 0 (load in the main process) or more.")
 
 
 def load_train_config(recipe: str | Path, overrides: list[str] | None = None) -> TrainConfig:

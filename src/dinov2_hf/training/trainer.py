@@ -64,9 +64,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, callbacks: Sequence[object] = ()) -> None:
         """``callbacks``: objects with an ``on_export(trainer, export_dir, last_record)`` method, called on every
         process after the export (``dinov2_hf.hub.hub_callbacks`` writes model cards and pushes)."""
-        train = config.train
-        if train.gradient_accumulation_steps < 1:
-            raise ValueError(f"train.gradient_accumulation_steps={train.gradient_accumulation_steps} must be at least 1.")
+        train = config.train  # its values were checked when the config was built (TrainConfig.__post_init__)
         self.config, self.callbacks = config, list(callbacks)
         self.accelerator = Accelerator(
             mixed_precision=train.mixed_precision,
