@@ -100,3 +100,23 @@ def pq_rows(folder):
 
     rows = pq.read_table(sorted(__import__("pathlib").Path(folder).glob("*.parquet"))[0]).to_pylist()
     return [r["image"] for r in rows]
+
+
+def test_oversized_images_are_skipped_and_counted(tmp_path):
+    from test_decode import png_header
+
+    small = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(4)]
+    large = Image.new("RGB", (40, 40), (0, 200, 0))
+    images = []
+    for image in (small[0], large, small[1], small[2], small[3]):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    images.insert(2, png_header(20_000, 20_000))  # a decompression bomb's header: over every limit
+    write_images(tmp_path / "pool" / "train-00000-of-00001.parquet", images)
+    for limit, kept in ((None, [0, 1, 3, 4, 5]), (1000, [0, 3, 4, 5])):
+        extra = {} if limit is None else {"max_image_pixels": limit}
+        settings = SourceSettings(source=str(tmp_path / "pool"), **extra)
+        result = embed_source(settings, MeanColour(), tmp_path / f"emb-{limit}", "mean-colour", shard_size=4,
+                              batch_size=2)
+        assert result.positions.tolist() == kept and result.skipped == len(images) - len(kept)

@@ -74,7 +74,8 @@ def test_skipped_rows_are_not_decoded_and_the_rest_is_unchanged(cifar_dir, tmp_p
     assert sum(s["skipped"] for s in full) == 3 and full[-1]["rows"] == 80
     decoded = []
     open_rgb = sources.open_rgb
-    monkeypatch.setattr(sources, "open_rgb", lambda source: decoded.append(source) or open_rgb(source))
+    monkeypatch.setattr(sources, "open_rgb",
+                        lambda source, **kwargs: decoded.append(source) or open_rgb(source, **kwargs))
     cut = 30
     resumed = samples(skip=[full[cut - 1]["rows"]])
     assert len(decoded) == 80 - full[cut - 1]["rows"]  # only the rows after the position are decoded

@@ -54,6 +54,7 @@ def test_eval_knn_on_an_exported_transformers_checkpoint(tmp_path, cifar_dir, ti
     (["--label-column", "nope"], "label_column='nope' is not a column"),
     (["--label-column", ""], "needs labels"),
     (["--max-train", "0"], "--max-train must be a positive integer"),
+    (["--max-image-pixels", "0"], "--max-image-pixels must be a positive integer"),
     (["--crop-size", "300"], "larger than --resize-size"),
 ])
 def test_bad_arguments_fail_early_with_a_clear_message(tmp_path, capsys, cifar_dir, extra, message):

@@ -119,3 +119,24 @@ def test_pasted_cifar_objects_have_exact_ground_truth_and_run_through_the_heads(
     assert scores["pixel_accuracy"] == pytest.approx((predicted == masks[16:]).double().mean().item())
     depth = predict(train_depth_head(maps[:16], depths[:16], settings=settings), maps[16:], (112, 112))
     assert depth.shape == (8, 112, 112) and set(depth_metrics(depth, depths[16:])) == {"rmse", "log_rmse", "abs_rel", "delta1"}
+
+
+def test_dense_split_skips_examples_whose_image_or_target_is_oversized():
+    import io
+
+    from dinov2_hf.eval.dense import load_dense_split
+
+    def png(image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    def example(image_size, mask_size, label):
+        return {"image": png(Image.new("RGB", image_size, (label, 0, 0))), "mask": png(Image.new("L", mask_size, label))}
+
+    stream = [example((8, 8), (8, 8), 1), example((40, 40), (8, 8), 2), example((8, 8), (40, 40), 3),
+              example((8, 8), (8, 8), 4)]
+    images, targets = load_dense_split(stream, "image", "mask", "mask", 4, max_pixels=1000)
+    assert len(images) == 2 and targets[:, 0, 0].tolist() == [1, 4]
+    images, targets = load_dense_split(stream, "image", "mask", "mask", 4)
+    assert len(images) == 4 and targets[:, 0, 0].tolist() == [1, 2, 3, 4]

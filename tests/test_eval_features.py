@@ -61,3 +61,24 @@ def test_dataset_features_skip_and_count_bad_images(tmp_path, tiny_kwargs):
     assert rows(in_workers) == rows(features)
     with pytest.raises(ValueError, match="--label-column"):
         dataset_features(model, DataSettings(source=str(tmp_path)), progress=False)
+
+
+def test_oversized_images_are_skipped_and_counted_in_process_and_in_workers_code(tmp_path):
+    import io
+
+    from dinov2_hf.eval.features import PreprocessedStream, labelled_images
+
+    def example(size, label):
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (label * 50, 0, 0)).save(buffer, format="PNG")
+        return {"image": {"bytes": buffer.getvalue(), "path": None}, "label": label}
+
+    stream = [example((10, 10), 0), example((40, 40), 1), example((12, 8), 2)]
+    counter = {"skipped": 0}
+    pairs = list(labelled_images(stream, "image", "label", counter, max_pixels=1000))
+    assert [label for _, label in pairs] == [0, 2] and counter["skipped"] == 1
+    counter = {"skipped": 0}
+    assert len(list(labelled_images(stream, "image", "label", counter))) == 3 and counter["skipped"] == 0
+    processor = dinov2_image_processor(crop_size=28, resize_size=28)
+    items = list(PreprocessedStream(stream, processor, "image", "label", max_pixels=1000))
+    assert [item if item is None else item[1] for item in items] == [0, None, 2]

@@ -134,3 +134,24 @@ def test_arrow_threads_finish_waits_once_after_the_body_even_when_it_raises(monk
             calls.append("body")
             raise KeyboardInterrupt
     assert calls == ["body", "collect", wait]
+
+
+def test_oversized_images_are_skipped_and_counted_not_a_crash(tmp_path):
+    from test_decode import png_header
+
+    # A 20,000 x 20,000 header (over the default limit and PIL's bomb threshold) and a 40x40 image over a
+    # lowered data.max_image_pixels, among good 20x24 images.
+    rows = [png(0), png_header(20_000, 20_000), png(1), png(2, size=(40, 40)), png(3)]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    table = pa.table({"image": [{"bytes": data, "path": None} for data in rows], "label": list(range(len(rows)))})
+    pq.write_table(table, folder / "train-00000-of-00001.parquet")
+    for limit, kept in ((None, [0, 2, 3, 4]), (1000, [0, 2, 4])):
+        settings = DataSettings(source=str(folder), label_column="label", shuffle_buffer=0,
+                                **({} if limit is None else {"max_image_pixels": limit}))
+        stream = MultiCropStream(load_image_stream(settings), MultiCropGeometry(SETTINGS, seed=0), "image", "label",
+                                 max_pixels=settings.max_image_pixels)
+        samples, skipped = collect(stream)
+        assert [s["labels"] for s in samples] == kept and skipped == len(rows) - len(kept)
+    with pytest.raises(ValueError, match="data.max_image_pixels must be a positive pixel count"):
+        load_image_stream(DataSettings(source=str(folder), max_image_pixels=0))

@@ -39,6 +39,8 @@ def add_eval_parser(subparsers) -> None:
     data.add_argument("--label-column", default="label")
     data.add_argument("--max-train", type=int, help="use at most this many training images")
     data.add_argument("--max-test", type=int, help="use at most this many test images")
+    data.add_argument("--max-image-pixels", type=int, help="skip (and count) images larger than this many pixels "
+                      "(default 178956970, dinov2_hf.data.decode.MAX_IMAGE_PIXELS)")
     run = parser.add_argument_group("features")
     run.add_argument("--batch-size", type=int, default=64)
     # 256 is modeling.processor.resize_for_crop(224), written out so that parsing imports no torch; it does not
@@ -82,7 +84,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
     if args.model:
         check_backbone_source(args.model, "--model ")
-    for flag in ("max_train", "max_test", "batch_size"):
+    for flag in ("max_train", "max_test", "batch_size", "max_image_pixels"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer; got {value}.")
@@ -130,6 +132,7 @@ def _settings(args: argparse.Namespace, test: bool):
         split=args.test_split if test else args.split,
         image_column=args.image_column,
         label_column=(args.label_column or None) if args.task in CLASSIFICATION_TASKS else None,
+        **({} if args.max_image_pixels is None else {"max_image_pixels": args.max_image_pixels}),
     )
 
 
@@ -216,7 +219,8 @@ def _dense(args: argparse.Namespace, model, device: str) -> tuple[dict, dict]:
     for test in (False, True):
         settings = _settings(args, test)
         images, targets = load_dense_split(load_image_stream(settings), args.image_column, column, kind, args.crop_size,
-                                           args.max_test if test else args.max_train, args.depth_scale, args.reduce_zero_label)
+                                           args.max_test if test else args.max_train, args.depth_scale,
+                                           args.reduce_zero_label, max_pixels=settings.max_image_pixels)
         maps = patch_feature_maps(model.to(device), to_pixel_values(images, args.crop_size).to(device), args.batch_size)
         splits["test" if test else "train"] = (maps, targets)
     training = HeadTraining(epochs=args.epochs, lr=args.lr, seed=args.seed)
@@ -240,7 +244,8 @@ def _copy_detection(args: argparse.Namespace, model, common: dict) -> tuple[dict
     from ..eval.retrieval import copy_detection_metrics, make_copy_queries
 
     counter = {"skipped": 0}
-    pairs = labelled_images(load_image_stream(_settings(args, test=False)), args.image_column, None, counter)
+    settings = _settings(args, test=False)
+    pairs = labelled_images(load_image_stream(settings), args.image_column, None, counter, settings.max_image_pixels)
     images = [image for image, _ in itertools.islice(pairs, args.max_train)]
     num_queries = args.num_queries or min(1000, len(images))
     if num_queries > len(images):

@@ -192,6 +192,7 @@ class _ShardReader(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         mine = lambda shard: shard % workers == worker and shard not in self.done  # noqa: E731
         column, images, positions, hashes = self.settings.image_column, [], [], []
+        max_pixels = self.settings.max_image_pixels
         current, skipped, rows = 0, 0, 0
 
         def batch():
@@ -215,7 +216,7 @@ class _ShardReader(torch.utils.data.IterableDataset):
                 continue  # finished by an earlier run, or another worker's: not decoded
             data = encoded_bytes(example[column])
             try:
-                image = open_rgb(data if data else image_source(example[column]))
+                image = open_rgb(data if data else image_source(example[column]), max_pixels=max_pixels)
             except ImageDecodeError:
                 skipped += 1
                 continue

@@ -3,8 +3,9 @@
 ``load_image_stream`` returns a ``datasets.IterableDataset`` (``streaming=True``) whose image column
 is left undecoded, shuffled with a buffer and split across ranks with ``split_dataset_by_node``.
 ``MultiCropStream`` turns it into multi-crop samples inside DataLoader workers, decoding each image
-with :func:`open_rgb`: undecodable, truncated or empty images are skipped and counted (the counts
-travel in the samples' ``skipped`` field and add up to the exact total), never a crash.
+with :func:`open_rgb`: undecodable, truncated, empty or oversized (``max_image_pixels``) images are
+skipped and counted (the counts travel in the samples' ``skipped`` field and add up to the exact total),
+never a crash.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from datasets import Image as ImageFeature
 from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 
-from .decode import ImageDecodeError, open_rgb
+from .decode import MAX_IMAGE_PIXELS, ImageDecodeError, open_rgb
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -35,6 +36,8 @@ class DataSettings:
     image_column: str = "image"
     label_column: str | None = None
     shuffle_buffer: int = 10_000
+    # Larger images are skipped and counted, refused from their header (a decompression bomb would kill a worker).
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
 
 def _files(source: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -121,6 +124,8 @@ def resolve_source(settings: DataSettings) -> tuple[str, dict]:
 
 def load_image_stream(settings: DataSettings, rank: int = 0, world_size: int = 1, seed: int = 0) -> IterableDataset:
     """A shuffled, rank-split streaming dataset with the image column undecoded (bytes or path)."""
+    if settings.max_image_pixels < 1:
+        raise ValueError(f"data.max_image_pixels must be a positive pixel count; got {settings.max_image_pixels}.")
     builder, kwargs = resolve_source(settings)
     stream = load_dataset(builder, split=settings.split, streaming=True, **kwargs)
     columns = stream.column_names or list((stream.features or {}).keys())
@@ -163,7 +168,8 @@ class MultiCropStream(torch.utils.data.IterableDataset):
     depend on the rows before it, and a worker skips its first ``skip_rows[worker]`` rows without decoding
     them: a resumed pass continues where it stopped at the cost of reading, not decoding, what it skips.
     Samples carry ``worker`` and ``rows``, the rows its stream had given once the sample was made
-    (see ``data.position``).
+    (see ``data.position``). Images of more than ``max_pixels`` pixels (``data.max_image_pixels``) are
+    skipped and counted like undecodable ones.
     """
 
     def __init__(
@@ -174,11 +180,13 @@ class MultiCropStream(torch.utils.data.IterableDataset):
         label_column: str | None = None,
         seed: int | None = None,
         skip_rows: list[int] | tuple[int, ...] = (),
+        max_pixels: int | None = None,
     ) -> None:
         super().__init__()
         self.stream, self.transform = stream, transform
         self.image_column, self.label_column = image_column, label_column
         self.seed, self.skip_rows = seed, list(skip_rows)
+        self.max_pixels = max_pixels
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle the stream (shards and buffer) for a new epoch."""
@@ -195,7 +203,7 @@ class MultiCropStream(torch.utils.data.IterableDataset):
             if row <= skip:
                 continue  # consumed before a resume: read, not decoded
             try:
-                image = open_rgb(image_source(example[self.image_column]))
+                image = open_rgb(image_source(example[self.image_column]), max_pixels=self.max_pixels)
             except ImageDecodeError:
                 skipped += 1
                 continue

@@ -188,21 +188,22 @@ def pasted_objects(
     return images, masks, depths
 
 
-def decode_target(value, kind: str, size: int, depth_scale: float = 1.0) -> torch.Tensor:
+def decode_target(value, kind: str, size: int, depth_scale: float = 1.0,
+                  max_pixels: int | None = None) -> torch.Tensor:
     """A (size, size) class map (``kind="mask"``) or depth map (``kind="depth"``) from a dataset cell.
 
     The cell holds an image (bytes / path / PIL: palette or 8/16-bit PNG), or an array / nested list.
     Resizing is nearest-neighbour for both (bilinear would invent classes and blend invalid zeros).
-    ``depth_scale`` divides depth values (e.g. 1000 for millimetre PNGs).
+    ``depth_scale`` divides depth values (e.g. 1000 for millimetre PNGs). Encoded maps are decoded with
+    :func:`dinov2_hf.data.decode.open_image` (EXIF orientation applied as for the images, more than
+    ``max_pixels`` pixels refused): an unreadable one raises :class:`~dinov2_hf.data.decode.ImageDecodeError`.
     """
-    import io
+    from ..data.decode import open_image
 
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        value = Image.open(io.BytesIO(value))
-    elif isinstance(value, str):
-        value = Image.open(value)
+    if isinstance(value, (bytes, bytearray, str)):
+        value = open_image(value, max_pixels=max_pixels)
     if isinstance(value, Image.Image):
         if kind == "mask" and value.mode not in ("L", "P", "I", "I;16"):
             raise ValueError(f"segmentation masks must be single-channel class-index images; got mode {value.mode}.")
@@ -217,8 +218,10 @@ def decode_target(value, kind: str, size: int, depth_scale: float = 1.0) -> torc
 
 
 def load_dense_split(stream, image_column: str, target_column: str, kind: str, size: int, max_images: int | None = None,
-                     depth_scale: float = 1.0, reduce_zero_label: bool = False) -> tuple[list[Image.Image], torch.Tensor]:
-    """Images and their (n, size, size) targets from a streaming dataset (undecodable images skipped).
+                     depth_scale: float = 1.0, reduce_zero_label: bool = False,
+                     max_pixels: int | None = None) -> tuple[list[Image.Image], torch.Tensor]:
+    """Images and their (n, size, size) targets from a streaming dataset; examples whose image or encoded
+    target cannot be decoded, or has more than ``max_pixels`` pixels, are skipped.
 
     ``reduce_zero_label`` (ADE20K convention): class 0 ("other") becomes ignored, the others shift down by one.
     """
@@ -232,10 +235,10 @@ def load_dense_split(stream, image_column: str, target_column: str, kind: str, s
         if target_column not in example:
             raise ValueError(f"column {target_column!r} not found; columns: {list(example)}.")
         try:
-            image = open_rgb(image_source(example[image_column]))
+            image = open_rgb(image_source(example[image_column]), max_pixels=max_pixels)
+            target = decode_target(example[target_column], kind, size, depth_scale, max_pixels)
         except ImageDecodeError:
             continue
-        target = decode_target(example[target_column], kind, size, depth_scale)
         if kind == "mask" and reduce_zero_label:
             target = torch.where(target == 0, IGNORE_INDEX, target - 1)
         images.append(image)

@@ -58,11 +58,13 @@ class Features:
         return torch.cat(parts, dim=1)
 
 
-def labelled_images(stream: Iterable[dict], image_column: str, label_column: str | None, counter: dict) -> Iterator[tuple]:
-    """(RGB image, label or None) pairs; undecodable images are skipped and counted in ``counter``."""
+def labelled_images(stream: Iterable[dict], image_column: str, label_column: str | None, counter: dict,
+                    max_pixels: int | None = None) -> Iterator[tuple]:
+    """(RGB image, label or None) pairs; undecodable images, and those of more than ``max_pixels`` pixels
+    (default :data:`dinov2_hf.data.decode.MAX_IMAGE_PIXELS`), are skipped and counted in ``counter``."""
     for example in stream:
         try:
-            image = open_rgb(image_source(example[image_column]))
+            image = open_rgb(image_source(example[image_column]), max_pixels=max_pixels)
         except ImageDecodeError:
             counter["skipped"] += 1
             continue
@@ -153,15 +155,17 @@ class PreprocessedStream(torch.utils.data.IterableDataset):
     function can count it.
     """
 
-    def __init__(self, stream, processor, image_column: str, label_column: str | None) -> None:
+    def __init__(self, stream, processor, image_column: str, label_column: str | None,
+                 max_pixels: int | None = None) -> None:
         super().__init__()
         self.stream, self.processor = stream, processor
         self.image_column, self.label_column = image_column, label_column
+        self.max_pixels = max_pixels
 
     def __iter__(self):
         for example in self.stream:
             try:
-                image = open_rgb(image_source(example[self.image_column]))
+                image = open_rgb(image_source(example[self.image_column]), max_pixels=self.max_pixels)
             except ImageDecodeError:
                 yield None
                 continue
@@ -192,7 +196,8 @@ def dataset_features(
     kwargs.setdefault("description", f"{settings.source} [{settings.split}]")
     counter = {"skipped": 0}
     if num_workers == 0:
-        pairs = labelled_images(stream, settings.image_column, settings.label_column, counter)
+        pairs = labelled_images(stream, settings.image_column, settings.label_column, counter,
+                                settings.max_image_pixels)
         features = extract_features(model, pairs, processor, batch_size=batch_size, **kwargs)
     else:
         def collate(items):  # runs in the workers: the skipped count travels with the batch
@@ -207,7 +212,8 @@ def dataset_features(
                     yield pixels, labels
 
         loader = torch.utils.data.DataLoader(
-            PreprocessedStream(stream, processor, settings.image_column, settings.label_column),
+            PreprocessedStream(stream, processor, settings.image_column, settings.label_column,
+                               settings.max_image_pixels),
             batch_size=batch_size, num_workers=num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
         )
         features = encode_batches(model, batches(loader), **kwargs)

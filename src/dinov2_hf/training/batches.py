@@ -49,7 +49,7 @@ class Batches:
         geometry = MultiCropGeometry(crops, seed=seed)
         dataset = MultiCropStream(
             stream, geometry, config.data.image_column, config.data.label_column, seed=seed,
-            skip_rows=position.rows if position is not None else (),
+            skip_rows=position.rows if position is not None else (), max_pixels=config.data.max_image_pixels,
         )
         # datasets gives each worker whole shards: more workers than shards would sit idle.
         workers = min(config.train.num_workers, max(getattr(stream, "num_shards", 1), 1))
