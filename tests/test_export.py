@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -191,3 +192,152 @@ def test_load_backbone_every_source(tiny_kwargs, tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="not a Meta checkpoint"):
         load_backbone(tmp_path / "notes.txt")
+
+
+# -- strict loading and clear CLI errors ----------------------------------------------------------
+
+
+def stock_model(tiny_kwargs, registers):
+    """A stock transformers Dinov2Model (Dinov2WithRegistersModel with registers) with random weights."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    if registers:
+        return randomize_(Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**tiny_kwargs, num_register_tokens=registers))).eval()
+    return randomize_(Dinov2Model(Dinov2Config(**tiny_kwargs))).eval()
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_export_of_a_stock_folder_is_an_exact_copy(tiny_kwargs, tmp_path, capsys, registers):
+    """A folder that is already stock (a run's export/transformers, a copy of facebook/dinov2-small) is re-saved
+    through our model: every tensor and output as it was (loaded as ours, all attention would be random)."""
+    from transformers import AutoModel
+
+    from dinov2_hf.cli import main
+
+    stock = stock_model(tiny_kwargs, registers)
+    stock.save_pretrained(tmp_path / "stock")
+    assert main(["export", "--to", "transformers", str(tmp_path / "stock"), str(tmp_path / "out")]) == 0
+    assert f"already stock {stock.config.model_type}, re-saved" in capsys.readouterr().out
+    exported = AutoModel.from_pretrained(tmp_path / "out").eval()
+    assert type(exported) is type(stock)
+    original, copied = stock.state_dict(), exported.state_dict()
+    assert original.keys() == copied.keys()
+    for key in original:
+        assert torch.equal(original[key], copied[key]), key
+    x = torch.randn(2, 3, 98, 126)
+    with torch.no_grad():
+        expected, actual = stock(x), exported(x)
+    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, rtol=0, atol=0)
+    torch.testing.assert_close(actual.pooler_output, expected.pooler_output, rtol=0, atol=0)
+
+
+def test_export_keeps_the_source_image_processor(tiny_kwargs, tmp_path):
+    from dinov2_hf.cli import main
+
+    save_ours(tiny_model(tiny_kwargs), tmp_path / "ours", crop_size=98)  # e.g. a run's export at its final crop
+    assert main(["export", "--to", "transformers", str(tmp_path / "ours"), str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())["crop_size"] == {"height": 98, "width": 98}
+
+
+def test_a_stock_image_classifier_folder_converts_without_its_head(tiny_kwargs, tmp_path):
+    from transformers import Dinov2ForImageClassification
+
+    classifier = randomize_(Dinov2ForImageClassification(Dinov2Config(**tiny_kwargs, num_labels=3))).eval()
+    classifier.save_pretrained(tmp_path / "classifier")
+    ours = from_transformers(tmp_path / "classifier")  # classifier.* is the one thing dropped on purpose
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).last_hidden_state, classifier.dinov2(x).last_hidden_state, rtol=0, atol=1e-5)
+
+
+def rewrite_weights(folder, drop=None, add=None):
+    """Rewrite ``folder``'s model.safetensors without the tensor ``drop`` and/or with an extra tensor ``add``."""
+    from safetensors.torch import load_file
+
+    weights = load_file(folder / "model.safetensors")
+    if drop:
+        del weights[drop]
+    if add:
+        weights[add] = torch.zeros(3)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("change", [{"drop": "encoder.layer.1.attention.qkv.weight"}, {"add": "encoder.layer.1.extra.weight"}])
+def test_our_folder_with_missing_or_extra_weights_is_refused(tiny_kwargs, tmp_path, capsys, change):
+    from dinov2_hf.cli import main
+    from dinov2_hf.modeling import load_backbone
+
+    save_ours(tiny_model(tiny_kwargs), tmp_path / "ours")
+    rewrite_weights(tmp_path / "ours", **change)
+    key = change.get("drop") or change.get("add")
+    kind = "missing from the checkpoint" if "drop" in change else "in the checkpoint but not in the model"
+    with pytest.raises(ValueError, match=rf"do not match the Dinov2HFModel .*{kind}: {re.escape(key)}"):
+        load_backbone(tmp_path / "ours")
+    for target in ("transformers", "onnx"):
+        assert main(["export", "--to", target, str(tmp_path / "ours"), str(tmp_path / target)]) == 2
+        err = capsys.readouterr().err
+        assert key in err and "Traceback" not in err, err
+        assert not (tmp_path / target).exists()
+
+
+@pytest.mark.parametrize("change", [{"drop": "encoder.layer.0.norm1.weight"}, {"add": "encoder.layer.0.extra.bias"}])
+def test_stock_folder_with_missing_or_extra_weights_is_refused(tiny_kwargs, tmp_path, capsys, change):
+    from dinov2_hf.cli import main
+
+    stock_model(tiny_kwargs, 0).save_pretrained(tmp_path / "stock")
+    rewrite_weights(tmp_path / "stock", **change)
+    key = change.get("drop") or change.get("add")
+    with pytest.raises(ValueError, match=rf"do not match the Dinov2Model .*{re.escape(key)}"):
+        from_transformers(tmp_path / "stock")
+    for command in (["export", "--to", "transformers"], ["convert", "--from", "transformers"]):
+        assert main([*command, str(tmp_path / "stock"), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert key in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_stock_folder_is_not_loaded_as_ours(tiny_kwargs, tmp_path):
+    from dinov2_hf.modeling.loading import load_ours
+
+    stock_model(tiny_kwargs, 0).save_pretrained(tmp_path / "stock")
+    with pytest.raises(ValueError, match=r"model_type 'dinov2', not 'dinov2_hf': a stock transformers Dinov2 folder"):
+        load_ours(tmp_path / "stock")
+
+
+def test_convert_of_a_file_that_is_not_a_meta_checkpoint_is_a_clear_error(tmp_path, capsys):
+    from dinov2_hf.cli import main
+
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    assert main(["convert", "--from", "meta", str(tmp_path / "tensor.pth"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"{tmp_path / 'tensor.pth'} is not a Meta checkpoint: it holds a Tensor; a Meta DINOv2 checkpoint is a dict" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [["convert", "--from", "meta"], ["export", "--to", "transformers"], ["export", "--to", "onnx"]])
+def test_an_output_under_a_file_fails_before_loading(tiny_kwargs, tmp_path, capsys, monkeypatch, command):
+    from dinov2_hf.cli import main
+    from dinov2_hf.modeling import convert_meta, loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the output path was checked")
+
+    monkeypatch.setattr(convert_meta, "from_meta", no_loading)
+    monkeypatch.setattr(loading, "load_backbone", no_loading)
+    if command[0] == "convert":
+        from test_meta_conversion import meta_state_dict
+
+        source = tmp_path / "meta.pth"
+        torch.save(meta_state_dict(), source)
+    else:
+        source = tmp_path / "ours"
+        save_ours(tiny_model(tiny_kwargs), source)
+    (tmp_path / "notes.txt").write_text("x")
+    for output, message in [
+        (tmp_path / "notes.txt" / "out", f"output folder {tmp_path / 'notes.txt' / 'out'} is under {tmp_path / 'notes.txt'}, which is a file"),
+        (tmp_path / "notes.txt", f"output folder {tmp_path / 'notes.txt'} is a file"),
+    ]:
+        assert main([*command, str(source), str(output)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err

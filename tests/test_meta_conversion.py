@@ -185,3 +185,20 @@ def test_corrupt_and_foreign_files_fail_clearly(tmp_path):
     torch.save({"weight": torch.zeros(2)}, other)
     with pytest.raises(ValueError, match="pos_embed"):
         from_meta(other)
+    for name, content, message in [
+        ("tensor.pth", torch.zeros(3), "it holds a Tensor; a Meta DINOv2 checkpoint is a dict of backbone tensors"),
+        ("list.pth", [torch.zeros(3)], "it holds a list"),
+        ("int_keys.pth", {0: torch.zeros(3)}, "it has no 'pos_embed' weight"),
+    ]:
+        torch.save(content, tmp_path / name)
+        with pytest.raises(ValueError, match=f"{name} is not a Meta checkpoint: {message}"):
+            from_meta(tmp_path / name)
+    no_patch = {k: v for k, v in meta_state_dict().items() if not k.startswith("patch_embed.")}
+    with pytest.raises(ValueError, match="no patch_embed.proj.weight found"):
+        from_meta(no_patch)
+    no_mlp = {k: v for k, v in meta_state_dict().items() if ".mlp." not in k}
+    torch.save(no_mlp, tmp_path / "no_mlp.pth")
+    with pytest.raises(ValueError, match=r"no_mlp.pth: No MLP weights"):
+        from_meta(tmp_path / "no_mlp.pth")
+    with pytest.raises(ValueError, match="the state dict given is not a Meta checkpoint: it holds a Tensor"):
+        from_meta(torch.zeros(3))

@@ -27,8 +27,9 @@ def add_convert_parser(subparsers) -> None:
 def run_convert(args: argparse.Namespace) -> None:
     from ..modeling.convert_meta import from_meta
     from ..modeling.convert_transformers import from_transformers
-    from ..modeling.save import save_ours
+    from ..modeling.save import check_output_dir, save_ours
 
+    check_output_dir(args.output)  # a file in the way fails now, not after the weights are loaded
     source = Path(args.input)
     if args.source == "meta":
         if not source.is_file():

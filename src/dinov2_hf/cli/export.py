@@ -1,5 +1,6 @@
-"""``dinov2-hf export``: a dinov2_hf folder as a stock transformers checkpoint (``--to transformers``), or any
-backbone we load as ONNX checked against PyTorch with onnxruntime (``--to onnx``)."""
+"""``dinov2-hf export``: a dinov2_hf folder as a stock transformers checkpoint (``--to transformers``; a folder that
+is already stock is re-saved exactly), or any backbone we load as ONNX checked against PyTorch with onnxruntime
+(``--to onnx``)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ def add_export_parser(subparsers) -> None:
         "export",
         help="export a backbone in stock transformers format or as ONNX",
         description="--to transformers: a dinov2_hf checkpoint folder as a stock transformers dinov2 / "
-        "dinov2_with_registers checkpoint (no custom code needed to load it). --to onnx: any backbone we load "
+        "dinov2_with_registers checkpoint (no custom code needed to load it); a folder that is already stock is "
+        "re-saved through our model, weights exact. --to onnx: any backbone we load "
         "(our folders, stock transformers folders, Meta .pth, Hub ids) as model.onnx with dynamic batch, height "
-        "and width, checked against PyTorch with onnxruntime. Both write the DINOv2 image processor.",
+        "and width, checked against PyTorch with onnxruntime. Both write the source folder's image processor, or "
+        "else the DINOv2 one.",
     )
     parser.add_argument("--to", dest="target", required=True, choices=["transformers", "onnx"])
     parser.add_argument("input", help="checkpoint folder (onnx: also a Meta .pth file or a Hub id)")
@@ -46,18 +49,37 @@ def add_export_parser(subparsers) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
+    from ..modeling.save import check_output_dir
+
+    check_output_dir(args.output)  # a file in the way fails now, not after the weights are loaded
     if args.target == "onnx":
         run_export_onnx(args)
         return
-    from ..modeling import Dinov2HFModel
+    from ..modeling.loading import check_backbone_source, load_backbone
     from ..modeling.save import export_transformers
 
     source = Path(args.input)
     if not (source / "config.json").is_file():
-        raise FileNotFoundError(f"{source} has no config.json; pass a dinov2_hf checkpoint folder.")
-    model = Dinov2HFModel.from_pretrained(source)
-    export_transformers(model, args.output)
-    print(f"Exported {source} -> {args.output} ({model.config.num_register_tokens} registers, stock transformers format)")
+        raise FileNotFoundError(
+            f"{source} has no config.json; pass a dinov2_hf (or stock transformers Dinov2) checkpoint folder."
+        )
+    check_backbone_source(source)
+    model_type = json.loads((source / "config.json").read_text()).get("model_type")
+    # Our folders load strictly; a stock transformers folder (e.g. a run's export/transformers) goes through
+    # from_transformers, so the q/k/v split is undone and redone exactly (loaded as ours, all attention would
+    # be random). Anything else is refused by load_backbone, naming its model_type.
+    model, _ = load_backbone(source)
+    processor = None
+    if (source / "preprocessor_config.json").is_file():
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(source)  # keep the model's own preprocessing (crop size)
+    export_transformers(model, args.output, image_processor=processor)
+    stock = f"already stock {model_type}, re-saved; " if model_type in ("dinov2", "dinov2_with_registers") else ""
+    print(
+        f"Exported {source} -> {args.output} ({stock}{model.config.num_register_tokens} registers, "
+        "stock transformers format)"
+    )
 
 
 def run_export_onnx(args: argparse.Namespace) -> dict[str, float]:

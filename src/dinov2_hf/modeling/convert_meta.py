@@ -33,6 +33,11 @@ META_TO_OURS_RENAMES = [
     (r"^norm\.", "layernorm."),
 ]
 META_IGNORED_KEYS = re.compile(r"^(head\.|dino_head\.|ibot_head\.)")
+# What a Meta checkpoint holds, for the errors about files that hold something else.
+META_CHECKPOINT_CONTENTS = (
+    "a Meta DINOv2 checkpoint is a dict of backbone tensors (pos_embed, cls_token, patch_embed.proj.weight, "
+    "blocks.N....), or a training checkpoint holding one under 'teacher' or 'model'"
+)
 
 
 def load_meta_state_dict(path: str | Path) -> StateDict:
@@ -49,20 +54,31 @@ def load_meta_state_dict(path: str | Path) -> StateDict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt file, or pickled objects other than tensors
         raise ValueError(f"Could not read {path} as a PyTorch weights file (weights_only=True): {error}") from error
-    return extract_meta_backbone(checkpoint)
+    try:
+        return extract_meta_backbone(checkpoint)
+    except ValueError as error:  # the message names the file, not just what is wrong inside it
+        raise ValueError(f"{path} is not a Meta checkpoint: {error}") from None
 
 
 def extract_meta_backbone(checkpoint: Mapping) -> StateDict:
-    """The backbone state dict (prefix stripped) inside a Meta checkpoint dictionary."""
+    """The backbone state dict (prefix stripped) inside a Meta checkpoint dictionary.
+
+    Raises ValueError for anything else (a bare tensor, a list, a dict without ``pos_embed``)."""
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"it holds a {type(checkpoint).__name__}; {META_CHECKPOINT_CONTENTS}.")
     for wrapper in ("teacher", "model", "state_dict"):
         if isinstance(checkpoint.get(wrapper), Mapping):
             checkpoint = checkpoint[wrapper]
             break
-    prefixes = [k[: -len("pos_embed")] for k in checkpoint if k.endswith("pos_embed")]
+    prefixes = [k[: -len("pos_embed")] for k in checkpoint if isinstance(k, str) and k.endswith("pos_embed")]
     if not prefixes:
-        raise ValueError("No 'pos_embed' weight found: this does not look like a DINOv2 (Meta) backbone checkpoint.")
+        raise ValueError(f"it has no 'pos_embed' weight; {META_CHECKPOINT_CONTENTS}.")
     prefix = next((p for p in prefixes if p.startswith("teacher")), sorted(prefixes, key=len)[0])
-    return {k[len(prefix) :]: v for k, v in checkpoint.items() if k.startswith(prefix) and torch.is_tensor(v)}
+    return {
+        k[len(prefix) :]: v
+        for k, v in checkpoint.items()
+        if isinstance(k, str) and k.startswith(prefix) and torch.is_tensor(v)
+    }
 
 
 def infer_config_from_meta(
@@ -73,8 +89,18 @@ def infer_config_from_meta(
     Width, depth, patch size, registers, MLP or SwiGLU (and its hidden size) come from tensor
     shapes; the number of heads is ``hidden / head_dim`` (64 in every released model). The
     interpolation defaults to what the released models use: Meta's offset 0.1 without registers,
-    antialiasing with registers.
+    antialiasing with registers. Raises ValueError when a weight it reads the architecture from is absent
+    or of the wrong rank.
     """
+    absent = [k for k in ("pos_embed", "patch_embed.proj.weight") if k not in state_dict]
+    if absent:
+        raise ValueError(f"no {', '.join(absent)} found: {META_CHECKPOINT_CONTENTS}.")
+    if state_dict["pos_embed"].ndim != 3 or state_dict["patch_embed.proj.weight"].ndim != 4:
+        raise ValueError(
+            f"pos_embed {tuple(state_dict['pos_embed'].shape)} / patch_embed.proj.weight "
+            f"{tuple(state_dict['patch_embed.proj.weight'].shape)}: expected (1, positions, hidden) / "
+            "(hidden, channels, patch, patch)."
+        )
     pos_embed = state_dict["pos_embed"]
     patch_weight = state_dict["patch_embed.proj.weight"]
     hidden_size, patch_size = pos_embed.shape[-1], patch_weight.shape[-1]
@@ -85,7 +111,9 @@ def infer_config_from_meta(
     if not block_ids:
         raise ValueError("No transformer blocks ('blocks.N.norm1.weight') found in the checkpoint.")
     use_swiglu = "blocks.0.mlp.w12.weight" in state_dict or any(".mlp.w12.weight" in k for k in state_dict)
-    fc_key = next(k for k in state_dict if k.endswith(".mlp.w12.weight" if use_swiglu else ".mlp.fc1.weight"))
+    fc_key = next((k for k in state_dict if k.endswith(".mlp.w12.weight" if use_swiglu else ".mlp.fc1.weight")), None)
+    if fc_key is None:
+        raise ValueError("No MLP weights ('blocks.N.mlp.fc1.weight' or 'blocks.N.mlp.w12.weight') found in the checkpoint.")
     intermediate = state_dict[fc_key].shape[0] // (2 if use_swiglu else 1)
     mlp_ratio = intermediate / hidden_size
     if use_swiglu and swiglu_hidden_size(hidden_size, 4) == intermediate:
@@ -126,13 +154,26 @@ def from_meta(
     head_dim: int = 64,
     pos_embed_interpolation: str | None = None,
 ) -> Dinov2HFModel:
-    """Our model from a Meta DINOv2 checkpoint file or state dict, architecture inferred from the weights."""
-    state_dict = load_meta_state_dict(checkpoint) if isinstance(checkpoint, (str, Path)) else extract_meta_backbone(checkpoint)
-    config = infer_config_from_meta(state_dict, head_dim=head_dim, pos_embed_interpolation=pos_embed_interpolation)
+    """Our model from a Meta DINOv2 checkpoint file or state dict, architecture inferred from the weights.
+
+    Raises ValueError (naming the file) for anything that is not a complete DINOv2 backbone."""
+    is_file = isinstance(checkpoint, (str, Path))
+    name = str(checkpoint) if is_file else "Meta checkpoint"
+    if is_file:
+        state_dict = load_meta_state_dict(checkpoint)
+    else:
+        try:
+            state_dict = extract_meta_backbone(checkpoint)
+        except ValueError as error:
+            raise ValueError(f"the state dict given is not a Meta checkpoint: {error}") from None
+    try:
+        config = infer_config_from_meta(state_dict, head_dim=head_dim, pos_embed_interpolation=pos_embed_interpolation)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
     model = Dinov2HFModel(config)
     missing, unexpected = model.load_state_dict(meta_to_ours_state_dict(state_dict, config), strict=False)
     if missing or unexpected:
         raise ValueError(
-            f"Meta checkpoint does not match the inferred architecture: missing {missing[:5]}, unexpected {unexpected[:5]}."
+            f"{name} does not match the inferred architecture: missing {missing[:5]}, unexpected {unexpected[:5]}."
         )
     return model.eval()

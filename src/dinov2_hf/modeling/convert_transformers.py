@@ -19,6 +19,7 @@ import torch
 
 from .configuration_dinov2_hf import Dinov2HFConfig, swiglu_hidden_size
 from .modeling_dinov2_hf import Dinov2HFModel
+from .strict import from_pretrained_strict
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +163,8 @@ def from_transformers(model_or_path) -> Dinov2HFModel:
     """Our model from a transformers Dinov2 model, or from a local checkpoint folder of one.
 
     Folders may hold stock checkpoints such as a local copy of ``facebook/dinov2-base`` (legacy
-    on-disk key names included: transformers renames them on load).
+    on-disk key names included: transformers renames them on load). Missing or unexpected weights in a
+    folder raise ValueError; only an image classifier's ``classifier`` head is dropped.
     """
     from transformers import Dinov2Model, Dinov2WithRegistersModel, PretrainedConfig
 
@@ -178,7 +180,8 @@ def from_transformers(model_or_path) -> Dinov2HFModel:
                 f"{path} holds a {model_type!r} model; expected 'dinov2' or 'dinov2_with_registers'. "
                 "For our own checkpoints use Dinov2HFModel.from_pretrained."
             )
-        model = classes[model_type].from_pretrained(path)
+        # An image classifier's head is the one thing we drop on purpose (as transformers_to_ours_state_dict does).
+        model = from_pretrained_strict(classes[model_type], path, ignore_unexpected=r"^classifier\.")
     if isinstance(model, PretrainedConfig):
         raise TypeError("from_transformers needs a model or a checkpoint folder, not a config.")
     base = getattr(model, "dinov2", model)  # Dinov2ForImageClassification holds the model as .dinov2

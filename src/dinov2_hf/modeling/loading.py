@@ -8,9 +8,32 @@ from pathlib import Path
 
 from .configuration_dinov2_hf import Dinov2HFConfig
 from .modeling_dinov2_hf import Dinov2HFModel
+from .strict import from_pretrained_strict
 
 # A Hub model id, owner/name: a path such as ./x, ../x, /x or ~/x is never one.
 _HUB_MODEL_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")
+
+
+def load_ours(folder: str | Path) -> Dinov2HFModel:
+    """One of our checkpoint folders (model_type ``dinov2_hf``) in eval mode, every weight checked.
+
+    A stock transformers folder is refused here, naming what it is: loaded as ours, its separate q/k/v
+    projections would not match our fused ones and all attention would be random.
+    """
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; pass a dinov2_hf checkpoint folder.")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type != Dinov2HFConfig.model_type:
+        hint = (
+            "a stock transformers Dinov2 folder: load it with transformers, or convert it with "
+            "`dinov2-hf convert --from transformers`"
+            if model_type in ("dinov2", "dinov2_with_registers")
+            else "not a dinov2_hf checkpoint"
+        )
+        raise ValueError(f"{folder} holds model_type {model_type!r}, not {Dinov2HFConfig.model_type!r}: {hint}.")
+    return from_pretrained_strict(Dinov2HFModel, folder).eval()
 
 
 def check_backbone_source(source: str | Path, name: str = "") -> None:
@@ -63,7 +86,7 @@ def load_backbone(source: str | Path | None = None, preset: str = "vits14") -> t
     if path.is_dir():
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
         if model_type == Dinov2HFConfig.model_type:
-            return Dinov2HFModel.from_pretrained(path).eval(), str(path)
+            return load_ours(path), str(path)
         return from_transformers(path), f"{path} ({model_type})"
     from huggingface_hub import snapshot_download
 

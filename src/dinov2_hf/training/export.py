@@ -22,7 +22,7 @@ def export_backbone(model: nn.Module, accelerator: Accelerator, sharded: bool, r
         weights = full_state_dict(model, prefix=f"{arch.ema_part}.backbone.")
         if accelerator.is_main_process:
             backbone = Dinov2HFModel(backbone.config)
-            backbone.load_state_dict(weights)
+            backbone.load_state_dict(weights, strict=True)  # a gathered key missing must fail, not export random
     if accelerator.is_main_process:
         save_ours(backbone, run.export_folder(OURS_FORMAT), crop_size=crop_size)
         export_transformers(backbone, run.export_folder(STOCK_FORMAT), crop_size=crop_size)
