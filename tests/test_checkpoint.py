@@ -50,3 +50,19 @@ def test_rewriting_a_step_replaces_it_atomically(tmp_path):
 
 def test_empty_root(tmp_path):
     assert latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_a_bad_line_elsewhere_is_named(tmp_path):
+    import json
+
+    from dinov2_hf.training.run_dir import RunDir
+
+    run = RunDir(tmp_path)
+    rows = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(3))
+    run.metrics.write_text(rows + '{"step": 3, "lo')  # killed while writing step 3
+    assert [r["step"] for r in run.read_metrics()] == [0, 1, 2]
+    run.truncate_metrics(2)
+    assert run.metrics.read_text() == "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(2))
+    run.metrics.write_text(rows.replace('{"step": 1', 'garbage {"step": 1'))
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2, is not a JSON record"):
+        run.read_metrics()

@@ -93,6 +93,19 @@ def test_kill_and_resume_reproduces_the_trajectory(cifar_dir, tmp_path):
     assert steps == list(range(8))  # the killed session's steps 3-5 were dropped, not logged twice
 
 
+def test_a_run_killed_before_its_first_checkpoint_restarts_without_duplicate_metrics(cifar_dir, tmp_path):
+    """The killed session logged steps 0-4 and wrote no checkpoint (and tore its last line): the rerun starts from
+    step 0 and the file holds one row per step."""
+    data = write_cifar_subset(cifar_dir, tmp_path / "data", rows=96)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in range(5)) + '{"st')
+    history = Trainer(tiny_config(data, run, max_steps=3)).train().history
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [0, 1, 2]
+    assert [r["loss"] for r in logged] == [r["loss"] for r in history]
+
+
 def test_bad_images_are_counted_and_export_loads_in_stock_transformers(cifar_dir, tmp_path):
     data = write_cifar_subset(cifar_dir, tmp_path / "data", corrupt=4)
     config = tiny_config(data, tmp_path / "run", max_steps=8, num_workers=1)

@@ -60,7 +60,10 @@ class MetricsLogger:
         self.progress = None
 
     def start(self, step: int) -> None:
-        """Open the trackers and the progress bar at ``step`` (a resumed run's first)."""
+        """Open the trackers and the progress bar at ``step`` (a resumed run's first). ``metrics.jsonl`` keeps the
+        steps before it only: a run killed before its first checkpoint restarts from 0 without duplicate rows."""
+        if self.accelerator.is_main_process:
+            self.run.truncate_metrics(step)
         self.accelerator.init_trackers("dinov2_hf", config={k: str(v) for k, v in to_dict(self.config).items()})
         self.progress = tqdm(
             total=self.config.total_steps, initial=step, desc="dinov2", unit="step", disable=not self.accelerator.is_main_process

@@ -20,6 +20,8 @@ recipe; :func:`read_ema` reads checkpoints, :mod:`training.build` both.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,8 @@ import yaml
 
 from ..config_utils import to_dict
 from .config import TrainConfig, load_train_config
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
@@ -129,16 +133,39 @@ class RunDir:
         return cls(parent.parent) if parent.name == CHECKPOINTS_DIR else None
 
     def read_metrics(self, before_step: int | None = None) -> list[dict]:
-        """The per-step records of ``metrics.jsonl`` (those before ``before_step`` when given)."""
+        """The per-step records of ``metrics.jsonl`` (those before ``before_step`` when given). A torn last line (a
+        kill mid-write) is dropped with a warning; an unreadable line elsewhere is an error naming file and line."""
         if not self.metrics.is_file():
             return []
-        records = [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        text = self.metrics.read_text()
+        lines = text.splitlines()
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number == len(lines) and not text.endswith("\n"):
+                    logger.warning("%s: dropped its torn last line (the run was stopped while writing it).", self.metrics)
+                    continue
+                raise ValueError(
+                    f"{self.metrics}, line {number}, is not a JSON record: {line[:80]!r}. Delete that line (or the "
+                    "file: it only holds the per-step log) and rerun."
+                ) from None
         return [r for r in records if before_step is None or r["step"] < before_step]
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop the records of steps ``>= step`` (a resumed run rewrites them)."""
-        if self.metrics.is_file():
-            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in self.read_metrics(before_step=step)))
+        """Keep the records of the steps before ``step``, once each (a resumed or restarted run writes the rest);
+        the file is replaced atomically, so a kill now cannot tear it."""
+        if not self.metrics.is_file():
+            return
+        kept: dict[int, dict] = {}
+        for record in self.read_metrics(before_step=step):
+            kept.setdefault(record["step"], record)
+        temporary = self.metrics.with_name(f".{self.metrics.name}.tmp")
+        temporary.write_text("".join(json.dumps(r) + "\n" for r in kept.values()))
+        os.replace(temporary, self.metrics)
 
     def append_metrics(self, record: dict) -> None:
         with open(self.metrics, "a") as file:
