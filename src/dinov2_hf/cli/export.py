@@ -55,7 +55,8 @@ def run_export(args: argparse.Namespace) -> None:
     if args.target == "onnx":
         run_export_onnx(args)
         return
-    from ..modeling.loading import check_backbone_source, load_backbone
+    from ..modeling.convert_transformers import STOCK_MODEL_TYPES
+    from ..modeling.loading import load_backbone
     from ..modeling.save import export_transformers
 
     source = Path(args.input)
@@ -63,7 +64,6 @@ def run_export(args: argparse.Namespace) -> None:
         raise FileNotFoundError(
             f"{source} has no config.json; pass a dinov2_hf (or stock transformers Dinov2) checkpoint folder."
         )
-    check_backbone_source(source)
     model_type = json.loads((source / "config.json").read_text()).get("model_type")
     # Our folders load strictly; a stock transformers folder (e.g. a run's export/transformers) goes through
     # from_transformers, so the q/k/v split is undone and redone exactly (loaded as ours, all attention would
@@ -75,7 +75,7 @@ def run_export(args: argparse.Namespace) -> None:
 
         processor = AutoImageProcessor.from_pretrained(source)  # keep the model's own preprocessing (crop size)
     export_transformers(model, args.output, image_processor=processor)
-    stock = f"already stock {model_type}, re-saved; " if model_type in ("dinov2", "dinov2_with_registers") else ""
+    stock = f"already stock {model_type}, re-saved; " if model_type in STOCK_MODEL_TYPES else ""
     print(
         f"Exported {source} -> {args.output} ({stock}{model.config.num_register_tokens} registers, "
         "stock transformers format)"

@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
 
 # transformers' in-memory names -> ours (after q/k/v and gate/up have been fused).
+STOCK_MODEL_TYPES = ("dinov2", "dinov2_with_registers")  # the stock transformers models we convert
+
 TRANSFORMERS_TO_OURS_RENAMES = [
     (r"\.attention\.o_proj\.", ".attention.proj."),
     (r"\.mlp\.down_proj\.", ".mlp.w3."),
@@ -117,7 +119,7 @@ SHARED_CONFIG_FIELDS = (
 def config_from_transformers(config) -> Dinov2HFConfig:
     """Our config for a transformers ``Dinov2Config`` or ``Dinov2WithRegistersConfig``."""
     with_registers = config.model_type == "dinov2_with_registers"
-    if config.model_type not in ("dinov2", "dinov2_with_registers"):
+    if config.model_type not in STOCK_MODEL_TYPES:
         raise ValueError(f"Expected a dinov2 or dinov2_with_registers config, got model_type={config.model_type!r}.")
     return Dinov2HFConfig(
         **{name: getattr(config, name) for name in SHARED_CONFIG_FIELDS},

@@ -20,6 +20,8 @@ def load_ours(folder: str | Path) -> Dinov2HFModel:
     A stock transformers folder is refused here, naming what it is: loaded as ours, its separate q/k/v
     projections would not match our fused ones and all attention would be random.
     """
+    from .convert_transformers import STOCK_MODEL_TYPES
+
     folder = Path(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -29,7 +31,7 @@ def load_ours(folder: str | Path) -> Dinov2HFModel:
         hint = (
             "a stock transformers Dinov2 folder: load it with transformers, or convert it with "
             "`dinov2-hf convert --from transformers`"
-            if model_type in ("dinov2", "dinov2_with_registers")
+            if model_type in STOCK_MODEL_TYPES
             else "not a dinov2_hf checkpoint"
         )
         raise ValueError(f"{folder} holds model_type {model_type!r}, not {Dinov2HFConfig.model_type!r}: {hint}.")

@@ -37,6 +37,26 @@ class TrainSettings:
     log_with: str = "auto"  # Accelerate trackers: "auto" (TensorBoard if installed), "none", or e.g. "wandb,tensorboard"
     resume: str = "auto"  # "auto" (newest complete checkpoint in output_dir), "none", or a checkpoint folder
 
+    def __post_init__(self) -> None:
+        if self.stop_on_collapse < 0:
+            raise ValueError(f"train.stop_on_collapse={self.stop_on_collapse} must be 0 (never) or a number of steps.")
+        for key in ("max_steps", "stop_at_step"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"train.{key}={value} must be at least 1 (leave it unset for the recipe's own length).")
+        # Checked here, not where they are used: a zero fails only after the first step (save_every: a
+        # ZeroDivisionError), after the first checkpoint (keep_last) or deep in torch (batch_size_per_device).
+        for key, what in (("batch_size_per_device", "images per device and micro-batch"),
+                          ("gradient_accumulation_steps", "micro-batches per optimizer step; 1: no accumulation"),
+                          ("save_every", "steps between checkpoints"),
+                          ("keep_last", "checkpoints kept"),
+                          ("log_every", "steps between logged metrics")):
+            value = getattr(self, key)
+            if value < 1:
+                raise ValueError(f"train.{key}={value} must be at least 1 ({what}).")
+        if self.num_workers < 0:
+            raise ValueError(f"train.num_workers={self.num_workers} must be 0 (load in the main process) or more.")
+
 
 @dataclass
 class MonitorSettings:
@@ -156,27 +176,6 @@ class TrainConfig(SSLConfig):
         if not self.adaptation.steps or self.total_steps == self.nominal_steps:
             return min(main, self.total_steps)
         return min(max(round(main * self.total_steps / self.nominal_steps), 1), self.total_steps - 1)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.train.stop_on_collapse < 0:
-            raise ValueError(f"train.stop_on_collapse={self.train.stop_on_collapse} must be 0 (never) or a number of steps.")
-        for key in ("max_steps", "stop_at_step"):
-            value = getattr(self.train, key)
-            if value is not None and value < 1:
-                raise ValueError(f"train.{key}={value} must be at least 1 (leave it unset for the recipe's own length).")
-        # Checked here, not where they are used: a zero fails only after the first step (save_every: a
-        # ZeroDivisionError), after the first checkpoint (keep_last) or deep in torch (batch_size_per_device).
-        for key, what in (("batch_size_per_device", "images per device and micro-batch"),
-                          ("gradient_accumulation_steps", "micro-batches per optimizer step; 1: no accumulation"),
-                          ("save_every", "steps between checkpoints"),
-                          ("keep_last", "checkpoints kept"),
-                          ("log_every", "steps between logged metrics")):
-            value = getattr(self.train, key)
-            if value < 1:
-                raise ValueError(f"train.{key}={value} must be at least 1 ({what}).")
-        if self.train.num_workers < 0:
-            raise ValueError(f"train.num_workers={self.train.num_workers} must be 0 (load in the main process) or more.")
 
 
 def load_train_config(recipe: str | Path, overrides: list[str] | None = None) -> TrainConfig:
