@@ -40,7 +40,7 @@ def test_readme_curate_command_runs_as_shown(tmp_path, cifar_dir):
         else:
             key = expected.split(":")[0]
             assert any(line.startswith(key + ":") for line in printed), (key, printed)
-    assert (tmp_path / "curated-demo" / "data" / "train-00000-of-00001.parquet").is_file()
+    assert (tmp_path / "outputs" / "curated-demo" / "data" / "train-00000-of-00001.parquet").is_file()
     # the README's push-dataset example publishes this output (--dry-run: no token or network)
     [(command, shown)] = readme_curate_commands("push-dataset")
     result = subprocess.run([sys.executable, "-m", "dinov2_hf.cli", *command.split()[1:]], cwd=tmp_path,

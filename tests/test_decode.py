@@ -1,21 +1,14 @@
 """Robust decoding: every readable image becomes RGB, unreadable ones raise ImageDecodeError."""
 
 import io
-import struct
 import warnings
-import zlib
 
 import numpy as np
 import pytest
+from bad_images import CORPUS, encoded, exif_rotated_jpeg, png_header, sixteen_bit
 from PIL import Image
 
 from dinov2_hf.data import MAX_IMAGE_PIXELS, ImageDecodeError, open_rgb
-
-
-def encoded(image: Image.Image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("LA", "PNG"), ("RGB", "JPEG")])
@@ -59,29 +52,6 @@ def test_truncated_and_missing_files(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(ImageDecodeError, match="empty image file"):
         open_rgb(empty)
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG signature and header announcing ``width`` x ``height`` with no pixel data: a decompression bomb's
-    first bytes, for free."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
-
-
-def exif_rotated_jpeg() -> bytes:
-    """64x32 as stored, with EXIF orientation 6 (rotate 90 degrees clockwise to display): 32x64 as displayed.
-    The left half is red and the right half blue, so a wrong turn shows in the pixels."""
-    image = Image.new("RGB", (64, 32), (255, 0, 0))
-    image.paste((0, 0, 255), (32, 0, 64, 32))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", exif=exif, quality=95)
-    return buffer.getvalue()
 
 
 def test_exif_orientation_is_applied_as_transformers_load_image_does(tmp_path):
@@ -128,48 +98,6 @@ def test_decompression_bombs_raise_image_decode_error_and_pil_limit_is_untouched
     assert Image.MAX_IMAGE_PIXELS == pil_limit
 
 
-def animated_gif() -> bytes:
-    frames = [Image.new("RGB", (12, 10), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
-    buffer = io.BytesIO()
-    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
-    return buffer.getvalue()
-
-
-def palette_with_transparency() -> bytes:
-    image = Image.new("P", (9, 7), 0)
-    image.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
-    image.paste(1, (0, 0, 3, 7))
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG", transparency=1)  # palette index 1 (green) is transparent: white once composited
-    return buffer.getvalue()
-
-
-def sixteen_bit() -> bytes:
-    array = (np.arange(15 * 11).reshape(11, 15) * 300).astype(np.uint16)
-    data = encoded(Image.fromarray(array), "PNG")
-    assert Image.open(io.BytesIO(data)).mode in ("I;16", "I")  # 16-bit grayscale (older Pillow: "I")
-    return data
-
-
-def cmyk_jpeg() -> bytes:
-    data = encoded(Image.new("CMYK", (13, 9), (0, 255, 255, 0)), "JPEG")
-    assert Image.open(io.BytesIO(data)).mode == "CMYK"
-    return data
-
-
-# name, file name, bytes, expected (width, height) or None for ImageDecodeError
-CORPUS = [
-    ("truncated", "truncated.jpg", encoded(Image.new("RGB", (64, 64), (10, 20, 30)), "JPEG")[:300], None),
-    ("zero bytes", "empty.jpg", b"", None),
-    ("text named .jpg", "notes.jpg", b"this is a text file, not a JPEG\n" * 4, None),
-    ("cmyk jpeg", "cmyk.jpg", cmyk_jpeg(), (13, 9)),
-    ("16-bit png", "depth.png", sixteen_bit(), (15, 11)),
-    ("palette with transparency", "palette.png", palette_with_transparency(), (9, 7)),
-    ("1x1", "pixel.png", encoded(Image.new("RGB", (1, 1), (7, 8, 9)), "PNG"), (1, 1)),
-    ("animated gif", "animated.gif", animated_gif(), (12, 10)),
-    ("exif rotated", "rotated.jpg", exif_rotated_jpeg(), (32, 64)),
-    ("oversized", "huge.png", png_header(20_000, 20_000), None),
-]
 
 
 @pytest.mark.parametrize("name, filename, data, size", CORPUS, ids=[c[0] for c in CORPUS])

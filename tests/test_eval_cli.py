@@ -51,7 +51,7 @@ def test_eval_knn_on_an_exported_transformers_checkpoint(tmp_path, cifar_dir, ti
 
 @pytest.mark.parametrize("extra, message", [
     (["--model", "./missing-folder"], "does not exist"),
-    (["--label-column", "nope"], "label_column='nope' is not a column"),
+    (["--label-column", "nope"], "--label-column 'nope' is not a column"),
     (["--label-column", ""], "needs labels"),
     (["--max-train", "0"], "--max-train must be a positive integer"),
     (["--max-image-pixels", "0"], "--max-image-pixels must be a positive integer"),

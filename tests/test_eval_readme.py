@@ -29,4 +29,4 @@ def test_readme_eval_commands_run_as_shown(tmp_path, cifar_dir):
             else:
                 assert line == expected
         assert (tmp_path / command.split("--output ")[1].split()[0]).is_file()
-    assert len(list((tmp_path / "figures").glob("*.png"))) == 5
+    assert len(list((tmp_path / "outputs" / "figures").glob("*.png"))) == 5

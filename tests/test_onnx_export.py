@@ -212,4 +212,4 @@ def test_readme_onnx_command_runs_as_shown(tmp_path):
             assert key == difference.group(1) and float(value) < TOLERANCE, (got, expected)
         else:
             assert got == expected
-    assert json.loads((tmp_path / "vits14-reg4-onnx" / "config.json").read_text())["model_type"] == "dinov2_with_registers"
+    assert json.loads((tmp_path / "outputs" / "vits14-reg4-onnx" / "config.json").read_text())["model_type"] == "dinov2_with_registers"

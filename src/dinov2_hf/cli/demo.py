@@ -30,10 +30,14 @@ def run_demo(args: argparse.Namespace) -> dict:
     from ..data import load_image
     from ..modeling import dinov2_image_processor
     from ..modeling.loading import load_backbone
+    from ..modeling.processor import saved_image_processor
 
     image = load_image(args.image)
     model, description = load_backbone(args.model, args.preset)
-    processor = dinov2_image_processor()
+    # The model's own preprocessing when it was saved with it (a 32 px export is fed 32 px crops), else 224 px.
+    processor = saved_image_processor(args.model)
+    if processor is None:
+        processor = dinov2_image_processor()
     pixel_values = processor(image, return_tensors="pt")["pixel_values"]
     start = time.perf_counter()
     with torch.inference_mode():

@@ -117,11 +117,22 @@ def _check_args(args: argparse.Namespace) -> None:
         settings = _settings(args, test)
         if args.task in CLASSIFICATION_TASKS and not settings.label_column:
             raise ValueError(f"{args.task} needs labels: pass the label column of {settings.source!r} (--label-column).")
-        stream = load_image_stream(settings)  # cheap: opens the stream and checks that the files and columns exist
+        stream = load_image_stream(settings, keys=_keys(args, test))  # cheap: opens the stream, checks files and columns
         if args.task in DENSE_TASKS:
             flag, column = ("--mask-column", args.mask_column) if args.task == "segmentation" else ("--depth-column", args.depth_column)
             if stream.column_names and column not in stream.column_names:
                 raise ValueError(f"{flag} {column!r} is not a column of {settings.source!r}; columns: {stream.column_names}.")
+
+
+def _keys(args: argparse.Namespace, test: bool):
+    """Source errors name eval's own flags, not the trainer's ``data.*`` keys."""
+    from ..data.sources import SourceKeys
+
+    return SourceKeys(
+        source="--test-dataset" if test and args.test_dataset else "--dataset",
+        split="--test-split" if test else "--split",
+        image_column="--image-column", label_column="--label-column", max_image_pixels="--max-image-pixels",
+    )
 
 
 def _settings(args: argparse.Namespace, test: bool):
@@ -170,7 +181,8 @@ def run_eval(args: argparse.Namespace) -> dict:
         dataset={"train": f"{args.dataset} [{args.split}]", "test": f"{args.test_dataset or args.dataset} [{args.test_split}]", **counts},
         preprocessing={"resize": args.resize_size, "crop": args.crop_size},
     )
-    print(f"{args.task} on {counts['train_images']} train / {counts['test_images']} test images, model {description}")
+    skipped = f" ({counts['skipped_images']} undecodable or oversized images skipped)" if counts.get("skipped_images") else ""
+    print(f"{args.task} on {counts['train_images']} train / {counts['test_images']} test images{skipped}, model {description}")
     for key, value in _headline(args.task, metrics).items():
         print(f"  {key}: {value:.4f}")
     if args.task == "linear":
@@ -191,6 +203,7 @@ def _visualize(args: argparse.Namespace, model, description: str) -> dict:
     written = save_figures(model, [load_image(name) for name in args.images], args.output_dir, size=args.crop_size)
     record = {"task": "visualize", "model": description, "images": args.images,
               "figures": {kind: [str(path) for path in paths] for kind, paths in written.items()}}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(record, indent=2))
     print(f"visualize {len(args.images)} images, model {description}")
     for kind, paths in written.items():

@@ -57,6 +57,7 @@ def run_export(args: argparse.Namespace) -> None:
         return
     from ..modeling.convert_transformers import STOCK_MODEL_TYPES
     from ..modeling.loading import load_backbone
+    from ..modeling.processor import saved_image_processor
     from ..modeling.save import export_transformers
 
     source = Path(args.input)
@@ -69,11 +70,7 @@ def run_export(args: argparse.Namespace) -> None:
     # from_transformers, so the q/k/v split is undone and redone exactly (loaded as ours, all attention would
     # be random). Anything else is refused by load_backbone, naming its model_type.
     model, _ = load_backbone(source)
-    processor = None
-    if (source / "preprocessor_config.json").is_file():
-        from transformers import AutoImageProcessor
-
-        processor = AutoImageProcessor.from_pretrained(source)  # keep the model's own preprocessing (crop size)
+    processor = saved_image_processor(source)  # keep the model's own preprocessing (crop size)
     export_transformers(model, args.output, image_processor=processor)
     stock = f"already stock {model_type}, re-saved; " if model_type in STOCK_MODEL_TYPES else ""
     print(
@@ -94,6 +91,7 @@ def run_export_onnx(args: argparse.Namespace) -> dict[str, float]:
         validate_opset,
         validate_sizes,
     )
+    from ..modeling.processor import saved_image_processor
 
     require_onnx_packages()
     validate_opset(args.opset)
@@ -107,11 +105,7 @@ def run_export_onnx(args: argparse.Namespace) -> dict[str, float]:
     config = model.config
     if args.check:
         validate_sizes(sizes, config.patch_size)  # Meta .pth files and Hub ids: known once loaded
-    processor = None
-    if source.is_dir() and (source / "preprocessor_config.json").is_file():
-        from transformers import AutoImageProcessor
-
-        processor = AutoImageProcessor.from_pretrained(source)  # keep the model's own preprocessing
+    processor = saved_image_processor(source)  # keep the model's own preprocessing
     path = export_onnx(model, args.output, opset=args.opset, image_processor=processor, external_data=args.external_data)
     print(
         f"Exported {description} -> {path} (opset {args.opset}; batch, height and width dynamic; "

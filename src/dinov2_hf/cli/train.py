@@ -6,6 +6,10 @@ Both commands run :func:`run_train`; ``distill --teacher T`` is ``train`` with `
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import sys
+from pathlib import Path
 
 
 def _add_recipe_arguments(parser, default: str, what: str) -> None:
@@ -55,28 +59,48 @@ def run_train(args: argparse.Namespace) -> None:
         return
 
     from ..data.shutdown import arrow_threads_finish
-    from ..hub.training import hub_callbacks, push_callback
+    from ..hub.training import hub_callbacks
     from ..training.trainer import Trainer
 
     callbacks = hub_callbacks(config)  # checks the push target and token before any work
+    _stop_with_launcher()
     trainer = Trainer(config, callbacks)
-    pusher = push_callback(callbacks)
     if trainer.accelerator.is_main_process:
         print(f"dinov2_hf train: {trainer.describe()}; {config.total_steps} steps -> {trainer.output_dir}", flush=True)
+    # The report is printed before the Arrow threads' wait: a launcher stopping the run gives it 5 s after the
+    # signal, and the line saying where the checkpoint is must come out.
     with arrow_threads_finish():  # else the process can abort at exit (streaming parquet's Arrow threads)
         result = trainer.train()
+        code = _report(trainer, result) if trainer.accelerator.is_main_process else _exit_code(result)
+    if code:
+        raise SystemExit(code)
+
+
+def _exit_code(result) -> int:
+    """128 + the signal that stopped the run, 3 for train.stop_on_collapse, else 0."""
     if result.stop_signal is not None:
-        print(f"stopped by signal {result.stop_signal} at step {result.steps}; checkpoint saved, rerun to resume")
-        raise SystemExit(128 + result.stop_signal)
-    if result.stopped_on_collapse:
+        return 128 + result.stop_signal
+    return 3 if result.stopped_on_collapse else 0
+
+
+def _report(trainer, result) -> int:
+    """Print what the run did (main process) and return the command's exit code."""
+    from ..hub.training import push_callback
+
+    config = trainer.config
+    if result.already_complete:
+        _print_complete_run(trainer, result)
+    elif result.stop_signal is not None:
+        print(f"stopped by signal {result.stop_signal} at step {result.steps}; checkpoint {trainer.run.latest()}; "
+              "run the same command to resume", flush=True)
+    elif result.stopped_on_collapse:
         print(f"stopped at step {result.steps}: the objective collapsed for train.stop_on_collapse="
-              f"{config.train.stop_on_collapse} steps (see the warning above for the keys to change); checkpoint saved")
-        raise SystemExit(3)
-    if result.steps < result.total_steps:
+              f"{config.train.stop_on_collapse} steps (see the warning above for the keys to change); checkpoint "
+              f"{trainer.run.latest()}")
+    elif result.steps < result.total_steps:
         print(f"stopped at train.stop_at_step={result.steps} of {result.total_steps} steps; checkpoint saved, "
               "rerun without train.stop_at_step to resume")
-        return
-    if trainer.accelerator.is_main_process and result.last is not None:
+    elif result.last is not None:
         last = result.last
         print(
             f"step {last['step'] + 1}: loss {last['loss']:.4f}, skipped images {last['skipped_images']}; "
@@ -85,9 +109,50 @@ def run_train(args: argparse.Namespace) -> None:
         if result.final_knn is not None:
             baseline = f"{result.initial_knn:.1%} at initialisation -> " if result.initial_knn is not None else ""
             print(f"kNN top-1 (k={config.monitor.k}) on {config.monitor.source}: {baseline}{result.final_knn:.1%} exported")
+        pusher = push_callback(trainer.callbacks)
         if pusher is not None and pusher.result is not None:
             print(f"pushed to {pusher.result.repo_url}: {pusher.result.pr_url or pusher.result.commit_url}")
         elif pusher is not None and pusher.error is not None:
             print(f"push to {config.hub.repo_id} failed: {pusher.error}; the export is kept. "
                   f"Retry with: dinov2-hf push {trainer.output_dir} {config.hub.repo_id}")
-            raise SystemExit(1)
+            return 1
+    return _exit_code(result)
+
+
+def _print_complete_run(trainer, result) -> None:
+    """A rerun of a finished run: what it holds and where, and that nothing was done."""
+    records = trainer.run.read_metrics()
+    last = records[-1] if records else {}
+    knn = [r for r in records if "knn_top1" in r]
+    print(f"{result.output_dir} holds a complete run ({result.steps} of {result.total_steps} steps); nothing to do.")
+    if last:
+        print(f"step {last['step'] + 1}: loss {last['loss']:.4f}, skipped images {last.get('skipped_images', 0)}")
+    if knn:
+        print(f"kNN top-1 (k={trainer.config.monitor.k}) at step {knn[-1]['step'] + 1}: {knn[-1]['knn_top1']:.1%}")
+    print(f"export: {result.export_dir}; per-step metrics: {trainer.run.metrics}. To train again, give another "
+          "train.output_dir (or train.resume=none to start over in this one).")
+
+
+def _stop_with_launcher() -> None:
+    """Under ``accelerate launch`` (Linux): if the launcher dies without passing a signal on (it was killed, or an
+    older Accelerate exits on SIGTERM without forwarding it), this process gets SIGTERM, and so checkpoints and
+    stops, instead of training on, orphaned, with nothing to report to. Not for other parents: a run started with
+    ``nohup`` from a shell must outlive the shell."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        command = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    if not any(part.endswith(b"accelerate") for part in command) or b"launch" not in command:
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)

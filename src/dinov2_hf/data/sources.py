@@ -84,11 +84,34 @@ def builtin_digits(folder: str | Path | None = None) -> Path:
     return folder
 
 
-def resolve_source(settings: DataSettings) -> tuple[str, dict]:
+@dataclass(frozen=True)
+class SourceKeys:
+    """What error messages call a source's settings: the trainer's keys (``data.source=...``) by default, or a
+    command's own flags (``dinov2-hf eval``: ``--dataset ...``), so that the message names what the user wrote."""
+
+    source: str = "data.source"
+    split: str = "data.split"
+    image_column: str = "data.image_column"
+    label_column: str = "data.label_column"
+    max_image_pixels: str = "data.max_image_pixels"
+
+    @classmethod
+    def section(cls, name: str) -> SourceKeys:
+        """The keys of a config section holding :class:`DataSettings` fields, e.g. ``monitor``."""
+        return cls(f"{name}.source", f"{name}.split", f"{name}.image_column", f"{name}.label_column",
+                   f"{name}.max_image_pixels")
+
+    def show(self, key: str, value) -> str:
+        """``data.source='x'`` for a config key, ``--dataset 'x'`` for a flag."""
+        return f"{key} {value!r}" if key.startswith("-") else f"{key}={value!r}"
+
+
+def resolve_source(settings: DataSettings, keys: SourceKeys = SourceKeys()) -> tuple[str, dict]:
     """The `datasets` builder and its arguments for ``settings.source``; fails early and clearly."""
     source, fmt = settings.source, settings.format
+    named = keys.show(keys.source, source)
     if not source:
-        raise ValueError("data.source is empty: give a folder of images, parquet/tar files (or a glob), or a Hub dataset id.")
+        raise ValueError(f"{keys.source} is empty: give a folder of images, parquet/tar files (or a glob), or a Hub dataset id.")
     if source == "sklearn:digits":
         return "parquet", {"data_files": {settings.split: [str(builtin_digits() / "train-00000-of-00001.parquet")]}}
     path = Path(source)
@@ -100,41 +123,68 @@ def resolve_source(settings: DataSettings) -> tuple[str, dict]:
         elif path.is_dir():
             fmt = "imagefolder"
         elif path.exists() or any(ch in source for ch in "*?[") or source.startswith((".", "/")):
-            raise FileNotFoundError(f"data.source={source!r}: no parquet shards, tar shards or images found there.")
+            raise FileNotFoundError(f"{named}: no parquet shards, tar shards or images found there.")
         else:
             fmt = "hub"
     if fmt == "parquet":
         files = _files(source, (".parquet",))
         if not files:
-            raise FileNotFoundError(f"data.source={source!r}: no .parquet files found.")
+            raise FileNotFoundError(f"{named}: no .parquet files found.")
         return "parquet", {"data_files": {settings.split: files}}
     if fmt == "webdataset":
         files = _files(source, (".tar",))
         if not files:
-            raise FileNotFoundError(f"data.source={source!r}: no .tar shards found.")
+            raise FileNotFoundError(f"{named}: no .tar shards found.")
         return "webdataset", {"data_files": {settings.split: files}}
     if fmt == "imagefolder":
         if not path.is_dir():
-            raise FileNotFoundError(f"data.source={source!r} is not a folder of images.")
+            raise FileNotFoundError(f"{named} is not a folder of images.")
         if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
-            raise FileNotFoundError(f"data.source={source!r}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+            raise FileNotFoundError(f"{named}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
         return "imagefolder", {"data_dir": source}
     return source, {}
 
 
-def load_image_stream(settings: DataSettings, rank: int = 0, world_size: int = 1, seed: int = 0) -> IterableDataset:
-    """A shuffled, rank-split streaming dataset with the image column undecoded (bytes or path)."""
+def _open(builder: str, kwargs: dict, settings: DataSettings, keys: SourceKeys) -> IterableDataset:
+    """``load_dataset(..., streaming=True)`` with its failures named in the user's terms: a split the source
+    lacks names the split key; a Hub id that cannot be read names both readings of the source, since a
+    relative folder that does not exist (``data.source=my_images``) reads as a Hub id too."""
+    try:
+        return load_dataset(builder, split=settings.split, streaming=True, **kwargs)
+    except Exception as error:  # connection, offline mode, not found, gated, bad split: all mean "cannot read it"
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        if isinstance(error, ValueError) and "split" in reason.lower():
+            raise ValueError(f"{keys.show(keys.split, settings.split)}: {settings.source!r} has no such split "
+                             f"({reason}); pass {keys.split} with one of its splits.") from error
+        if kwargs:  # local files: datasets' own message is about them
+            raise
+        raise FileNotFoundError(
+            f"{keys.show(keys.source, settings.source)}: there is no such folder or file "
+            f"({Path(settings.source).resolve()}), and as a Hub dataset id it could not be loaded "
+            f"({type(error).__name__}: {reason}). Give an existing path, or a Hub id that exists (offline, "
+            "with HF_HUB_OFFLINE=1, only datasets already in the cache load)."
+        ) from error
+
+
+def load_image_stream(
+    settings: DataSettings, rank: int = 0, world_size: int = 1, seed: int = 0, keys: SourceKeys = SourceKeys()
+) -> IterableDataset:
+    """A shuffled, rank-split streaming dataset with the image column undecoded (bytes or path). Errors name the
+    settings as ``keys`` does (the trainer's ``data.*`` keys by default)."""
     if settings.max_image_pixels < 1:
-        raise ValueError(f"data.max_image_pixels must be a positive pixel count; got {settings.max_image_pixels}.")
-    builder, kwargs = resolve_source(settings)
-    stream = load_dataset(builder, split=settings.split, streaming=True, **kwargs)
+        raise ValueError(f"{keys.max_image_pixels} must be a positive pixel count; got {settings.max_image_pixels}.")
+    builder, kwargs = resolve_source(settings, keys)
+    stream = _open(builder, kwargs, settings, keys)
     columns = stream.column_names or list((stream.features or {}).keys())
+    source = keys.show(keys.source, settings.source)
     if columns and settings.image_column not in columns:
         raise ValueError(
-            f"data.image_column={settings.image_column!r} is not a column of {settings.source!r}; columns: {columns}."
+            f"{keys.show(keys.image_column, settings.image_column)} is not a column of {source}; columns: {columns}."
         )
     if settings.label_column and columns and settings.label_column not in columns:
-        raise ValueError(f"data.label_column={settings.label_column!r} is not a column; columns: {columns}.")
+        raise ValueError(
+            f"{keys.show(keys.label_column, settings.label_column)} is not a column of {source}; columns: {columns}."
+        )
     if stream.features is not None and isinstance(stream.features.get(settings.image_column), ImageFeature):
         stream = stream.cast_column(settings.image_column, ImageFeature(decode=False))
     if settings.shuffle_buffer > 1:

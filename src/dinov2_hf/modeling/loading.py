@@ -86,13 +86,29 @@ def load_backbone(source: str | Path | None = None, preset: str = "vits14") -> t
     if path.is_file():
         return from_meta(path), f"{path} (meta)"
     if path.is_dir():
+        from safetensors import SafetensorError
+
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
-        if model_type == Dinov2HFConfig.model_type:
-            return load_ours(path), str(path)
-        return from_transformers(path), f"{path} ({model_type})"
+        try:
+            if model_type == Dinov2HFConfig.model_type:
+                return load_ours(path), str(path)
+            return from_transformers(path), f"{path} ({model_type})"
+        except SafetensorError as error:  # its message names no file
+            files = ", ".join(sorted(p.name for p in path.glob("*.safetensors")))
+            raise ValueError(f"{path}: its weights ({files}) cannot be read ({error}): the file is damaged (a copy or "
+                             "download cut short?) or not a safetensors file. Export or download it again.") from error
     from huggingface_hub import snapshot_download
 
     # A Hub id: fetched (or read from the cache when offline), then loaded like a local folder.
-    folder = snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.py"])
+    try:
+        folder = snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.py"])
+    except Exception as error:  # offline and not cached, no such repo, gated, no network: all "cannot read it"
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise FileNotFoundError(
+            f"{source}: there is no such local folder or file ({Path(source).resolve()}), and as a Hub model id it "
+            f"could not be fetched ({type(error).__name__}: {reason}). Pass an existing checkpoint folder or .pth, "
+            "or a Hub id that exists (offline, with HF_HUB_OFFLINE=1, only models already in the cache load: "
+            f"`hf download {source}` once while online)."
+        ) from error
     model, _ = load_backbone(folder)
     return model, str(source)

@@ -7,6 +7,8 @@ mean and standard deviation. Other crops keep that 256:224 proportion (:func:`re
 
 from __future__ import annotations
 
+from pathlib import Path
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
@@ -44,3 +46,13 @@ def dinov2_image_processor(crop_size: int = 224, resize_size: int | None = None)
         image_std=list(IMAGENET_STD),
         do_convert_rgb=True,
     )
+
+
+def saved_image_processor(folder: str | Path | None):
+    """The image processor saved beside a model (``preprocessor_config.json``: its own crop size and
+    normalisation), or None when ``folder`` is not a folder holding one."""
+    if folder is None or not (Path(folder) / "preprocessor_config.json").is_file():
+        return None
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(folder)

@@ -8,6 +8,7 @@ seed and position only, and a resumed pass skips the rows it had consumed withou
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Iterator
 
 import torch
@@ -23,12 +24,23 @@ from .config import TrainConfig
 DATA_STREAM, STEP_STREAM = 0, 1  # the per-epoch data seeds and the per-step augmentation seeds
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGINT: a launcher stopping the process tree, or Ctrl-C reaching the
+    whole process group, must not kill a worker under the training process, which finishes its step, writes its
+    checkpoint and then shuts the workers down itself (they also exit when it dies)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Batches:
     """The batches of one rank: ``loader(epoch, crops)`` stacks crops in DataLoader workers, ``prepare``
     draws the masks and runs the photometric augmentation on the device."""
 
     def __init__(self, config: TrainConfig, accelerator: Accelerator) -> None:
         self.config, self.accelerator = config, accelerator
+        # Open the stream once now: a missing, empty or unreadable source fails here, in a moment, before the
+        # model is built (the loader reopens it for every pass).
+        load_image_stream(config.data, accelerator.process_index, accelerator.num_processes, config.train.seed)
         crops = config.crops
         self.photometric = BatchedPhotometric.for_crops(crops.global_crops_size, crops.blur, crops.blur_reference_size)
 
@@ -63,6 +75,7 @@ class Batches:
             # Its own generator: creating the iterator draws a base seed, which must not come from the global RNG
             # (drop path draws from it, and a resumed pass creates its iterator at another point of the run).
             generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=ignore_stop_signals,
         )
         return continue_in_order(loader, workers, position.last_worker if position is not None else None)
 

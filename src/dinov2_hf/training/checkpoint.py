@@ -10,6 +10,7 @@ checkpoints are untouched until the new one is complete.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -108,23 +109,161 @@ class Checkpointer:
             prune_checkpoints(self.run.checkpoints, self.keep_last)
         return self.run.checkpoint(step)
 
-    def resume(self, resume: str, model: nn.Module, optimizer) -> dict | None:
+    def resume(self, resume: str, model: nn.Module, optimizer, config: TrainConfig) -> dict | None:
         """Restore the checkpoint ``resume`` names (``auto``: the newest, ``none``, or a folder) into ``model``,
         ``optimizer`` and the RNGs; drop the later steps' metrics. Returns its trainer state with this rank's
-        ``data_position`` (None in checkpoints that predate it), or None when there is nothing to resume."""
+        ``data_position`` (None in checkpoints that predate it) and its ``path``, or None when there is nothing
+        to resume.
+
+        Every file is checked before anything is loaded. With ``auto``, a damaged newest checkpoint (a truncated
+        or unreadable file: a full disk, an interrupted copy) is moved aside to ``<name>.damaged-<id>`` (kept, not
+        deleted) and the previous one is resumed, with a warning. A named checkpoint that is damaged, or one
+        written by another architecture than ``config``'s, is an error naming it and the choices."""
         if resume == "none":
             return None
-        path = self.run.latest() if resume == "auto" else Path(resume)
+        accelerator = self.accelerator
+        candidates = list(reversed(list_checkpoints(self.run.checkpoints))) if resume == "auto" else [Path(resume)]
+        path = None
+        for candidate in candidates:
+            problem = self._agreed(checkpoint_damage(candidate, accelerator.process_index, self.sharded))
+            if problem is None:
+                path = candidate
+                break
+            if resume != "auto":
+                raise RuntimeError(f"train.resume={candidate} cannot be resumed: {problem}. Resume from an earlier "
+                                   "checkpoint (train.resume=<its folder>) or start over (train.resume=none).")
+            if accelerator.is_main_process:
+                aside = candidate.with_name(f"{candidate.name}.damaged-{uuid.uuid4().hex[:8]}")
+                os.replace(candidate, aside)
+                logger.warning("%s is damaged (%s): moved aside to %s; resuming from the checkpoint before it.",
+                               candidate, problem, aside.name)
+            accelerator.wait_for_everyone()
         if path is None:
-            return None
-        state = run_dir.read_trainer_state(path)  # fails on an incomplete checkpoint before loading anything
+            return None  # nothing saved yet, or every checkpoint damaged (each moved aside, with a warning)
+        unwrapped = accelerator.unwrap_model(model)
+        mismatch = architecture_mismatch(path, unwrapped.state_dict() if not self.sharded else None)
+        try:
+            if mismatch is not None:
+                raise ValueError(mismatch)
+            if self.sharded:
+                load_sharded(path / run_dir.SHARDED_DIR, model, optimizer.optimizer)
+            else:
+                accelerator.load_state(str(path))
+        except (ValueError, RuntimeError) as error:
+            raise ValueError(other_architecture_message(path, self.run, config, str(error))) from error
         if self.sharded:
-            load_sharded(path / run_dir.SHARDED_DIR, model, optimizer.optimizer)
-            torch.set_rng_state(torch.load(path / run_dir.rng_file(self.accelerator.process_index), weights_only=True))
-        else:
-            self.accelerator.load_state(str(path))
-        state["data_position"] = run_dir.read_data_position(path, self.accelerator.process_index)
-        if self.accelerator.is_main_process:  # drop steps the checkpoint does not hold
+            torch.set_rng_state(torch.load(path / run_dir.rng_file(accelerator.process_index), weights_only=True))
+        state = run_dir.read_trainer_state(path)
+        state["data_position"] = run_dir.read_data_position(path, accelerator.process_index)
+        state["path"] = path
+        if accelerator.is_main_process:  # drop steps the checkpoint does not hold
             self.run.truncate_metrics(state["step"])
         logger.info("Resumed from %s at step %d", path, state["step"])
         return state
+
+    def _agreed(self, problem: str | None) -> str | None:
+        """Every rank's verdict on one checkpoint: damaged when any rank found its own files damaged."""
+        if self.accelerator.num_processes == 1:
+            return problem
+        from accelerate.utils import gather_object
+
+        problems = [p for p in gather_object([problem]) if p is not None]
+        return problems[0] if problems else None
+
+
+def checkpoint_damage(path: Path, rank: int, sharded: bool) -> str | None:
+    """What makes checkpoint ``path`` unreadable for ``rank`` (a file missing, truncated or not what it should
+    be), or None. Reads headers and small files only: a safetensors header covers its data; a ``torch.save``
+    archive ends with its directory; the RNG states are loaded as Accelerate loads them, since Accelerate ignores
+    a failure there (the run would go on silently, on another trajectory)."""
+    import zipfile
+
+    from accelerate.utils import load as accelerate_load
+    from safetensors import safe_open
+
+    if not path.is_dir():
+        return "no such checkpoint folder"
+    current = path / run_dir.TRAINER_STATE_FILE
+    try:
+        json.loads(current.read_text())
+        position = path / run_dir.data_position_file(rank)
+        if position.exists():
+            current = position
+            json.loads(position.read_text())
+        if sharded:
+            current = path / run_dir.SHARDED_DIR / ".metadata"
+            current.read_bytes()
+            current = path / run_dir.rng_file(rank)
+            torch.load(current, weights_only=True)
+            return None
+        current = path / run_dir.WEIGHTS_FILE
+        with safe_open(current, framework="pt"):
+            pass
+        for current in sorted(path.glob("*.bin")):  # optimizer.bin and other torch.save archives
+            zipfile.ZipFile(current).close()
+        current = path / f"random_states_{rank}.pkl"
+        states = accelerate_load(current)
+        if not isinstance(states, dict) or not {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(states):
+            raise ValueError("not the random states Accelerate saves")
+    except Exception as error:  # any failure to read means the same: this checkpoint cannot be resumed
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        return f"{current.name}: {reason}"
+    return None
+
+
+def architecture_mismatch(path: Path, state: dict[str, torch.Tensor] | None) -> str | None:
+    """How the tensors of an unsharded checkpoint differ from ``state`` (the model's state dict) in names or
+    shapes, read from the safetensors header before anything is loaded; None when they fit (or for a sharded
+    checkpoint, ``state`` None, whose load reports a mismatch itself)."""
+    from safetensors import safe_open
+
+    weights = path / run_dir.WEIGHTS_FILE
+    if state is None or not weights.is_file():
+        return None
+    with safe_open(weights, framework="pt") as file:
+        saved = {key: list(file.get_slice(key).get_shape()) for key in file.keys()}
+    expected = {key: list(value.shape) for key, value in state.items()}
+    stored = {state[key].data_ptr() for key in saved if key in state}
+    shapes = sorted(key for key in saved.keys() & expected.keys() if saved[key] != expected[key])
+    unexpected = sorted(saved.keys() - expected.keys())
+    # Accelerate saves a tensor shared by two names once: a name missing is fine when its tensor is stored.
+    missing = sorted(key for key in expected.keys() - saved.keys() if state[key].data_ptr() not in stored)
+    problems = []
+    if shapes:
+        problems.append(f"{len(shapes)} tensors differ in shape, e.g. {shapes[0]}: {saved[shapes[0]]} there, "
+                        f"{expected[shapes[0]]} here")
+    if missing:
+        problems.append(f"{len(missing)} tensors of this model are not in it, e.g. {missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} of its tensors are not in this model, e.g. {unexpected[0]}")
+    return "; ".join(problems) or None
+
+
+ARCHITECTURE_SECTIONS = ("model", "dino", "ibot", "objective", "simdino", "distill")
+
+
+def recipe_differences(saved: TrainConfig, current: TrainConfig, sections: tuple[str, ...] = ARCHITECTURE_SECTIONS) -> list[str]:
+    """``key: saved value -> current value`` for each field of ``sections`` that differs between two recipes."""
+    from ..config_utils import to_dict
+
+    def flat(value, prefix: str) -> dict:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}.{key}").items()}
+        return {prefix: value}
+
+    old, new = to_dict(saved), to_dict(current)
+    before = {k: v for section in sections if section in old for k, v in flat(old[section], section).items()}
+    after = {k: v for section in sections if section in new for k, v in flat(new[section], section).items()}
+    return [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(before.keys() | after.keys())
+            if before.get(key) != after.get(key)]
+
+
+def other_architecture_message(path: Path, run: RunDir, config: TrainConfig, reason: str) -> str:
+    """The error for a checkpoint that does not fit this run's model: what differs, and the two ways out."""
+    differences = recipe_differences(run_dir.read_recipe(path), config) if run_dir.has_recipe(path) else []
+    recipe = f" Its recipe -> this one: {'; '.join(differences[:6])}." if differences else ""
+    return (
+        f"{run.root} holds a run of another configuration: {path.name} does not fit this model ({reason[:400]}).{recipe} "
+        "Give this config another train.output_dir, or start it over in this folder with train.resume=none (the "
+        "old checkpoints are then replaced as the new run saves)."
+    )

@@ -5,6 +5,7 @@ change; ``train.stop_on_collapse`` stops the run)."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from accelerate import Accelerator
 from tqdm.auto import tqdm
@@ -59,11 +60,14 @@ class MetricsLogger:
         self.accelerator, self.run, self.config = accelerator, run, config
         self.progress = None
 
-    def start(self, step: int) -> None:
-        """Open the trackers and the progress bar at ``step`` (a resumed run's first). ``metrics.jsonl`` keeps the
-        steps before it only: a run killed before its first checkpoint restarts from 0 without duplicate rows."""
+    def start(self, step: int, resumed_from: Path | None = None) -> None:
+        """Open the trackers and the progress bar at ``step`` (a resumed run's first, which says where it resumed
+        from). ``metrics.jsonl`` keeps the steps before it only: a run killed before its first checkpoint restarts
+        from 0 without duplicate rows."""
         if self.accelerator.is_main_process:
             self.run.truncate_metrics(step)
+            if resumed_from is not None:
+                tqdm.write(f"resumed from {resumed_from} (step {step} of {self.config.total_steps})")
         self.accelerator.init_trackers("dinov2_hf", config={k: str(v) for k, v in to_dict(self.config).items()})
         self.progress = tqdm(
             total=self.config.total_steps, initial=step, desc="dinov2", unit="step", disable=not self.accelerator.is_main_process

@@ -8,12 +8,13 @@ pass is the trainer's own (under its autocast, and with every rank in it for a s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import Callable
 
 import torch
 
-from ..data.sources import DataSettings, load_image_stream
+from ..data.sources import DataSettings, SourceKeys, load_image_stream
 from ..eval.features import labelled_images
 from ..eval.knn import knn_classify
 from ..modeling.processor import dinov2_image_processor
@@ -27,6 +28,9 @@ class KnnMonitor:
 
     def __init__(self, settings: MonitorSettings, image_size: int) -> None:
         self.settings, self.image_size = settings, image_size
+        for key in ("source", "test_source"):
+            if getattr(settings, key):  # a missing source fails now, before the model is built, not at the first call
+                load_image_stream(self._data(getattr(settings, key)), keys=self._keys(key))
         self._images: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def images(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +39,7 @@ class KnnMonitor:
             settings = self.settings
             if settings.test_source:  # memory from `source`, queries from `test_source`
                 pairs = self._labelled(settings.source, settings.train_images)
-                pairs += self._labelled(settings.test_source, settings.test_images)
+                pairs += self._labelled(settings.test_source, settings.test_images, "test_source")
             else:
                 pairs = self._labelled(settings.source, settings.train_images + settings.test_images)
             if len(pairs) < 2:
@@ -45,12 +49,19 @@ class KnnMonitor:
             self._images = (pixels, torch.tensor([label for _, label in pairs]))
         return self._images
 
-    def _labelled(self, source: str, wanted: int) -> list[tuple]:
+    def _data(self, source: str) -> DataSettings:
+        settings = self.settings
+        return DataSettings(source=source, image_column=settings.image_column, label_column=settings.label_column, shuffle_buffer=0)
+
+    @staticmethod
+    def _keys(key: str) -> SourceKeys:
+        """Errors name ``monitor.source`` or ``monitor.test_source``."""
+        return dataclasses.replace(SourceKeys.section("monitor"), source=f"monitor.{key}")
+
+    def _labelled(self, source: str, wanted: int, key: str = "source") -> list[tuple]:
         """The first ``wanted`` decodable (image, label) pairs of ``source``, in order."""
         settings = self.settings
-        stream = load_image_stream(
-            DataSettings(source=source, image_column=settings.image_column, label_column=settings.label_column, shuffle_buffer=0)
-        )
+        stream = load_image_stream(self._data(source), keys=self._keys(key))
         return list(itertools.islice(labelled_images(stream, settings.image_column, settings.label_column, {"skipped": 0}), wanted))
 
     @torch.no_grad()

@@ -12,6 +12,7 @@
         data_position_<rank>.json        where each rank's pass over the data stands (``data.position``)
       export/dinov2_hf/                  the exported backbone in our format
       export/transformers/               ... and in stock transformers format
+      export/COMPLETE                    the step the export was made at, written once both formats are
 
 A published ``dinov2_hf/`` folder (``dinov2-hf push``) holds our export plus ``heads.safetensors`` and the
 recipe; :func:`read_ema` reads checkpoints, :mod:`training.build` both.
@@ -118,6 +119,22 @@ class RunDir:
         if export_format not in EXPORT_FORMATS:
             raise ValueError(f"export format {export_format!r} is not one of {', '.join(EXPORT_FORMATS)}.")
         return self.export / export_format
+
+    def exported_step(self) -> int | None:
+        """The step of the complete export (both formats written), or None: none yet, or one interrupted."""
+        marker = self.export / COMPLETE_MARKER
+        try:
+            return int(marker.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def mark_exported(self, step: int | None) -> None:
+        """Record the export as complete at ``step``; None: as being rewritten (incomplete)."""
+        marker = self.export / COMPLETE_MARKER
+        if step is None:
+            marker.unlink(missing_ok=True)
+        else:
+            marker.write_text(str(step))
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / checkpoint_name(step)

@@ -43,7 +43,8 @@ logger = logging.getLogger(__name__)
 class TrainResult:
     """What a call to :meth:`Trainer.train` did: the step records of this session, the step reached, why it
     stopped early (a signal, ``train.stop_on_collapse``, ``train.stop_at_step``), the export (None when it
-    stopped early) and the kNN monitor before and after, when it ran."""
+    stopped early), the kNN monitor before and after, when it ran, and the checkpoint it resumed from. A run that
+    had already finished (trained and exported) does nothing: ``already_complete``."""
 
     history: list[dict] = field(default_factory=list)
     steps: int = 0
@@ -54,6 +55,8 @@ class TrainResult:
     stopped_on_collapse: bool = False
     initial_knn: float | None = None
     final_knn: float | None = None
+    resumed_from: Path | None = None
+    already_complete: bool = False  # the run had finished and exported before: nothing was done
 
     @property
     def last(self) -> dict | None:
@@ -78,21 +81,22 @@ class Trainer:
         set_seed(train.seed)
         self.run = RunDir(train.output_dir)
         self.output_dir = self.run.root
+        self.batches = Batches(config, self.accelerator)  # (checks the data source before the model is built)
+        self.monitor = KnnMonitor(config.monitor, config.crops.global_crops_size) if config.monitor.source else None
         arch = build_arch(config)
         self.model, self.optimizer, self.sharded = parallelize(
             arch, self.accelerator, train, lambda module: build_optimizer(module, config.optim)
         )
         self.phases = build_phases(config, arch.student["backbone"].config.patch_size, self.accelerator.num_processes)
-        self.batches = Batches(config, self.accelerator)
         self.checkpointer = Checkpointer(self.accelerator, self.run, self.sharded, train.keep_last)
         self.metrics = MetricsLogger(self.accelerator, self.run, config)
         self.collapse_watch = CollapseWatch(train.stop_on_collapse)
-        self.monitor = KnnMonitor(config.monitor, config.crops.global_crops_size) if config.monitor.source else None
         self.step, self.epoch, self.skipped_images = 0, 0, 0
         self.position = DataPosition()  # of this rank, in pass ``epoch``
         self._replay = 0  # batches to iterate past: resuming from a checkpoint that predates data positions
         self.stop_signal: int | None = None
         self.stopped_on_collapse = False  # train.stop_on_collapse ended the run
+        self.resumed_from: Path | None = None  # the checkpoint this session continued
         self.train_seconds = 0.0  # wall time of the steps so far, over resumed sessions (for the model card)
         self._session_start = time.perf_counter()
 
@@ -148,8 +152,9 @@ class Trainer:
         return self.checkpointer.save(self.model, self.optimizer, self.step, state, self.config, self.position.to_dict())
 
     def maybe_resume(self) -> None:
-        state = self.checkpointer.resume(self.config.train.resume, self.model, self.optimizer)
+        state = self.checkpointer.resume(self.config.train.resume, self.model, self.optimizer, self.config)
         if state is not None:
+            self.resumed_from = state["path"]
             self.step, self.epoch, self.skipped_images = state["step"], state["epoch"], state["skipped_images"]
             if state["data_position"] is not None:
                 self.position = DataPosition.from_dict(state["data_position"])
@@ -169,7 +174,8 @@ class Trainer:
             return {}
 
         def request_stop(signum, frame):
-            self.stop_signal = signum
+            if self.stop_signal is None:  # the first one: Ctrl-C under a launcher is followed by its SIGTERM
+                self.stop_signal = signum
 
         return {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
 
@@ -199,20 +205,25 @@ class Trainer:
         set_seed(config.train.seed)  # drop path draws from the global RNG: same start whatever ran since __init__
         self.maybe_resume()  # (a resumed run restores the saved RNG states instead)
         self._session_start = time.perf_counter()
-        result = TrainResult(output_dir=self.run.root)
+        total = config.total_steps
+        result = TrainResult(output_dir=self.run.root, resumed_from=self.resumed_from, steps=self.step, total_steps=total)
+        if self.step >= total and self.run.exported_step() == self.step:
+            result.export_dir, result.already_complete = self.run.export, True
+            return result
         every = config.monitor.every if self._monitoring() else 0
         if self.step == 0 and every:
             result.initial_knn = self.knn_monitor()  # the baseline: the network at initialisation
-        self.metrics.start(self.step)
-        total = config.total_steps
+        self.metrics.start(self.step, self.resumed_from)
         end = min(total, config.train.stop_at_step or total)
         while self.step < end and not self.stopping:
             self._train_pass(result.history, every, end)
+        if self.stopping and self.step > 0 and self.run.latest() != self.run.checkpoint(self.step):
+            self.save_checkpoint()  # the signal came between two passes, after the last step's save check
         self.metrics.close()
         result.steps, result.total_steps = self.step, total
         result.stop_signal, result.stopped_on_collapse = self.stop_signal, self.stopped_on_collapse
         if self.stop_signal is not None:
-            logger.warning("Stopped by signal %d at step %d; checkpoint %s. Run the same command to resume.",
+            logger.info("Stopped by signal %d at step %d; checkpoint %s. Run the same command to resume.",
                            self.stop_signal, self.step, self.run.latest())
         elif self.stopped_on_collapse:
             logger.error("Stopped at step %d after %d consecutive collapsed steps (train.stop_on_collapse); checkpoint %s.",
@@ -223,7 +234,7 @@ class Trainer:
             if every:
                 result.final_knn = self.knn_monitor()  # of the exported backbone
             crop = final_crop_size(config, self.step)
-            result.export_dir = export_backbone(self.model, accelerator, self.sharded, self.run, crop)
+            result.export_dir = export_backbone(self.model, accelerator, self.sharded, self.run, crop, self.step)
             for callback in self.callbacks:
                 callback.on_export(self, result.export_dir, result.last)
         accelerator.end_training()
