@@ -154,5 +154,33 @@ def _stop_with_launcher() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
     except (OSError, AttributeError):
         return
+    # The launcher relays our stderr: once it is gone, a write there raises BrokenPipeError, which would end the
+    # run in the middle of its last step instead of at its checkpoint.
+    sys.stdout, sys.stderr = _DropOnBrokenPipe(sys.stdout), _DropOnBrokenPipe(sys.stderr)
     if os.getppid() != parent:  # the launcher died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _DropOnBrokenPipe:
+    """A text stream that drops its writes once the reader at the other end of its pipe has gone."""
+
+    def __init__(self, stream) -> None:
+        self._stream, self._broken = stream, False
+
+    def write(self, text: str) -> int:
+        if not self._broken:
+            try:
+                return self._stream.write(text)
+            except (BrokenPipeError, ValueError):  # (ValueError: the stream was closed)
+                self._broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._broken:
+            try:
+                self._stream.flush()
+            except (BrokenPipeError, ValueError):
+                self._broken = True
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
