@@ -136,7 +136,8 @@ def test_dense_split_skips_examples_whose_image_or_target_is_oversized():
 
     stream = [example((8, 8), (8, 8), 1), example((40, 40), (8, 8), 2), example((8, 8), (40, 40), 3),
               example((8, 8), (8, 8), 4)]
-    images, targets = load_dense_split(stream, "image", "mask", "mask", 4, max_pixels=1000)
-    assert len(images) == 2 and targets[:, 0, 0].tolist() == [1, 4]
+    counter = {"skipped": 0}
+    images, targets = load_dense_split(stream, "image", "mask", "mask", 4, max_pixels=1000, counter=counter)
+    assert len(images) == 2 and targets[:, 0, 0].tolist() == [1, 4] and counter["skipped"] == 2
     images, targets = load_dense_split(stream, "image", "mask", "mask", 4)
     assert len(images) == 4 and targets[:, 0, 0].tolist() == [1, 2, 3, 4]

@@ -228,12 +228,12 @@ def _dense(args: argparse.Namespace, model, device: str) -> tuple[dict, dict]:
     )
 
     kind, column = ("mask", args.mask_column) if args.task == "segmentation" else ("depth", args.depth_column)
-    splits = {}
+    splits, counter = {}, {"skipped": 0}
     for test in (False, True):
         settings = _settings(args, test)
         images, targets = load_dense_split(load_image_stream(settings), args.image_column, column, kind, args.crop_size,
                                            args.max_test if test else args.max_train, args.depth_scale,
-                                           args.reduce_zero_label, max_pixels=settings.max_image_pixels)
+                                           args.reduce_zero_label, max_pixels=settings.max_image_pixels, counter=counter)
         maps = patch_feature_maps(model.to(device), to_pixel_values(images, args.crop_size).to(device), args.batch_size)
         splits["test" if test else "train"] = (maps, targets)
     training = HeadTraining(epochs=args.epochs, lr=args.lr, seed=args.seed)
@@ -245,7 +245,7 @@ def _dense(args: argparse.Namespace, model, device: str) -> tuple[dict, dict]:
     else:
         head = train_depth_head(train_maps, train_targets, training)
         metrics = depth_metrics(predict(head, test_maps, size), test_targets)
-    return metrics, {"train_images": len(train_maps), "test_images": len(test_maps), "skipped_images": 0}
+    return metrics, {"train_images": len(train_maps), "test_images": len(test_maps), "skipped_images": counter["skipped"]}
 
 
 def _copy_detection(args: argparse.Namespace, model, common: dict) -> tuple[dict, dict]:

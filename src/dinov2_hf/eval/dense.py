@@ -219,9 +219,10 @@ def decode_target(value, kind: str, size: int, depth_scale: float = 1.0,
 
 def load_dense_split(stream, image_column: str, target_column: str, kind: str, size: int, max_images: int | None = None,
                      depth_scale: float = 1.0, reduce_zero_label: bool = False,
-                     max_pixels: int | None = None) -> tuple[list[Image.Image], torch.Tensor]:
+                     max_pixels: int | None = None, counter: dict | None = None) -> tuple[list[Image.Image], torch.Tensor]:
     """Images and their (n, size, size) targets from a streaming dataset; examples whose image or encoded
-    target cannot be decoded, or has more than ``max_pixels`` pixels, are skipped.
+    target cannot be decoded, or has more than ``max_pixels`` pixels, are skipped (and counted in
+    ``counter["skipped"]`` when given).
 
     ``reduce_zero_label`` (ADE20K convention): class 0 ("other") becomes ignored, the others shift down by one.
     """
@@ -238,6 +239,8 @@ def load_dense_split(stream, image_column: str, target_column: str, kind: str, s
             image = open_rgb(image_source(example[image_column]), max_pixels=max_pixels)
             target = decode_target(example[target_column], kind, size, depth_scale, max_pixels)
         except ImageDecodeError:
+            if counter is not None:
+                counter["skipped"] += 1
             continue
         if kind == "mask" and reduce_zero_label:
             target = torch.where(target == 0, IGNORE_INDEX, target - 1)
