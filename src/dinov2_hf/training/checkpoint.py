@@ -140,11 +140,10 @@ class Checkpointer:
             accelerator.wait_for_everyone()
         if path is None:
             return None  # nothing saved yet, or every checkpoint damaged (each moved aside, with a warning)
-        unwrapped = accelerator.unwrap_model(model)
-        mismatch = architecture_mismatch(path, unwrapped.state_dict() if not self.sharded else None)
-        try:
-            if mismatch is not None:
-                raise ValueError(mismatch)
+        mismatch = architecture_mismatch(path, None if self.sharded else accelerator.unwrap_model(model).state_dict())
+        if mismatch is not None:
+            raise ValueError(other_architecture_message(path, self.run, config, mismatch))
+        try:  # (a sharded checkpoint's tensors are compared as they load)
             if self.sharded:
                 load_sharded(path / run_dir.SHARDED_DIR, model, optimizer.optimizer)
             else:
