@@ -127,6 +127,22 @@ def test_damaged_model_folders_are_clear_errors(damage, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("damage", ["truncated", "text", "bare tensor"])
+def test_damaged_meta_checkpoints_are_clear_errors(damage, tmp_path, capsys):
+    import torch
+
+    path = tmp_path / "weights.pth"
+    torch.save({"cls_token": torch.zeros(1, 1, 8)} if damage == "truncated" else torch.zeros(3), path)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "text":
+        path.write_text("not a checkpoint")
+    for args in (["convert", "--from", "meta", path, tmp_path / "out"], ["demo", "--model", path]):
+        code, _, err = run(capsys, *args)
+        assert code == 2 and "weights.pth" in err, (args, err)
+    assert not (tmp_path / "out").exists()
+
+
 # -- checkpoints: damaged, of another architecture, a finished run ---------------------------------------------
 
 
