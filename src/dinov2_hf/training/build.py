@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..modeling.loading import load_backbone
+from ..modeling.loading import check_backbone_source, load_backbone
 from ..objective import SSLMetaArch, param_groups
 from ..objective.config import OptimSettings, SSLConfig
 from ..objective.distill import DistillMetaArch, FeatureDistillMetaArch
@@ -62,6 +62,14 @@ def teacher_dtype(config: TrainConfig) -> torch.dtype:
     if wanted == "auto":
         wanted = "bfloat16" if config.train.mixed_precision == "bf16" and not fsdp_requested() else "float32"
     return getattr(torch, wanted)
+
+
+def check_teacher_source(config: TrainConfig) -> None:
+    """Fail in a moment, before the data or the model is touched, when ``distill.teacher`` cannot be a teacher:
+    neither one of our checkpoints (or a published folder) nor a backbone source."""
+    teacher = config.distill.teacher
+    if teacher and not run_dir.has_recipe(teacher):
+        check_backbone_source(teacher, "distill.teacher=")
 
 
 def build_arch(config: TrainConfig) -> nn.Module:

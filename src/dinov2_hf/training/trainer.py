@@ -26,7 +26,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from ..data.position import DataPosition
 from ..objective.step import training_step
 from .batches import Batches
-from .build import build_arch, build_optimizer
+from .build import build_arch, build_optimizer, check_teacher_source
 from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .export import export_backbone
@@ -81,6 +81,7 @@ class Trainer:
         set_seed(train.seed)
         self.run = RunDir(train.output_dir)
         self.output_dir = self.run.root
+        check_teacher_source(config)
         self.batches = Batches(config, self.accelerator)  # (checks the data source before the model is built)
         self.monitor = KnnMonitor(config.monitor, config.crops.global_crops_size) if config.monitor.source else None
         arch = build_arch(config)
