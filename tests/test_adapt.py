@@ -199,3 +199,19 @@ def test_adapt_recipes():
     cpu, scratch = load_train_config("adapt_cpu"), load_train_config("cifar10_cpu")
     assert cpu.model.overrides == scratch.model.overrides and cpu.dino == scratch.dino  # continues a cifar10_cpu run
     assert cpu.schedule.base_lr < scratch.schedule.base_lr
+
+
+def test_the_adapt_cpu_recipe_runs_from_a_cifar10_cpu_shaped_stock_backbone(data, tmp_path, capsys, monkeypatch):
+    """The README's example, shortened: adapt_cpu from a stock folder with cifar10_cpu's architecture."""
+    from dinov2_hf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    legacy_stock_folder(tmp_path / "stand-in", hidden_size=96, num_hidden_layers=4, num_attention_heads=3, image_size=32)
+    assert main(["train", "--config", "adapt_cpu", "model.init_from=stand-in", f"data.source={data}", "train.max_steps=2",
+                 "train.batch_size_per_device=16", "train.num_workers=0", "train.output_dir=outputs/adapt"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 steps -> outputs/adapt" in printed and "exported to outputs/adapt/export" in printed
+    card = (tmp_path / "outputs" / "adapt" / "export" / "transformers" / "README.md").read_text()
+    assert "continued from `stand-in`" in card
+    saved = load_train_config(tmp_path / "outputs" / "adapt" / "checkpoints" / "checkpoint-2" / "train_config.yaml")
+    assert saved.train.freeze_backbone_steps == 1 and saved.model.overrides["hidden_size"] == 96

@@ -204,4 +204,5 @@ def load_init(arch: nn.Module, init: InitSource) -> None:
     else:
         for part in (arch.student, arch.teacher):
             part["backbone"].load_state_dict(state, strict=True)
+    init.loaded = None  # copied: a loaded source (a ViT-g .pth) is not kept for the whole run
 
