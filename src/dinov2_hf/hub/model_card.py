@@ -122,6 +122,10 @@ def _summary(config, steps: int | None, export_format: str, base_model: str | No
             what += f" ([{base_model}](https://huggingface.co/{base_model}))"
     else:
         what = "The EMA teacher backbone of a DINOv2 run (DINO + iBOT + KoLeo, multi-crop)"
+        if config.model.init_from:  # continued pretraining: base_model names the source when it has a Hub id
+            what += f" continued from `{config.model.init_from}`"
+            if base_model and base_model != config.model.init_from:
+                what += f" ([{base_model}](https://huggingface.co/{base_model}))"
     if steps is not None:
         what += f", after {steps} steps"
     lines = [what + (f" with {config.train.batch_size_per_device} images per device." if config is not None else ".")]
@@ -158,8 +162,9 @@ def model_card(
     """
     eval_results = list(eval_results)
     datasets = [config.data.source] if config is not None and is_hub_id(config.data.source) else None
-    teacher = config.distill.teacher if config is not None else ""
-    base_model = teacher_repo_id(teacher) if teacher else None  # omitted rather than an invalid value
+    # The model this one was trained from: a distillation teacher, or the backbone a continued pretraining started at.
+    origin = (config.distill.teacher or config.model.init_from) if config is not None else ""
+    base_model = teacher_repo_id(origin) if origin else None  # omitted rather than an invalid value
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-feature-extraction",

@@ -19,12 +19,19 @@ from .schedules import ScheduleSettings
 @dataclass
 class ModelSettings:
     """Student architecture: a preset name plus any ``Dinov2HFConfig`` field as an override
-    (a name that is not one fails at load, with the valid ones)."""
+    (a name that is not one fails at load, with the valid ones).
+
+    ``init_from``: continued pretraining. Student and teacher backbones start from this backbone (anything
+    ``modeling.loading.load_backbone`` reads: a stock transformers Dinov2 folder, a Meta .pth, one of our
+    exports, a Hub id, a pushed ``dinov2_hf/`` folder, whose heads then load too). Its architecture is the
+    model's: a preset or override that contradicts it is an error (see ``training.init_from``).
+    """
 
     preset: str = "vits14"
     drop_path_rate: float = 0.3
     layerscale_value: float = 1e-5
     overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         check_preset(self.preset)

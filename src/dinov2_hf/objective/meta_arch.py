@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Collection
 
 import torch
 import torch.nn.functional as F
@@ -107,12 +108,15 @@ class StudentWithEMA(nn.Module):
         return self
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
+    def update_teacher(self, momentum: float, skip: Collection[str] = ()) -> None:
         """ema = momentum * ema + (1 - momentum) * student, parameter by parameter (local shards); the
-        EMA copy is the teacher here (``ema_part``), a spare copy in distillation."""
+        EMA copy is the teacher here (``ema_part``), a spare copy in distillation. ``skip``: student parts
+        (e.g. a frozen ``backbone``) whose EMA stays as it is (m * x + (1 - m) * x need not round to x)."""
         student_params, ema_params = [], []
         ema = getattr(self, self.ema_part)
         for name, module in self.student.items():
+            if name in skip:
+                continue
             for s, t in zip(module.parameters(), ema[name].parameters()):
                 student_params.append(_local(s.detach()))
                 ema_params.append(_local(t.detach()))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 
@@ -35,6 +35,7 @@ def training_step(
     backward: Callable[[torch.Tensor], None] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    frozen: Collection[str] = (),
 ) -> dict[str, float]:
     """Schedules -> forward -> backward -> per-module clipping -> optimizer step -> EMA teacher.
 
@@ -43,8 +44,10 @@ def training_step(
     the returned losses and metrics are their means; ``no_sync`` (e.g. ``training.parallelize.no_gradient_sync``)
     is entered around every micro-batch but the last, so that data-parallel gradients are reduced once per
     optimizer step. ``model``, ``backward`` and ``autocast`` default to plain PyTorch; the trainer passes
-    Accelerate's wrapped model, ``accelerator.backward`` and ``accelerator.autocast``. Returns the losses, health metrics, gradient norms and schedule values
-    as floats.
+    Accelerate's wrapped model, ``accelerator.backward`` and ``accelerator.autocast``. ``frozen``: student parts
+    (``backbone`` under ``train.freeze_backbone_steps``) that get no update this step: their gradients are dropped
+    after backward (data-parallel wrappers still reduce them), so AdamW skips them (no step, no weight decay, no
+    moments) and their EMA stays. Returns the losses, health metrics, gradient norms and schedule values as floats.
     """
     micro_batches = batch if isinstance(batch, list) else [batch]
     values = schedules.at(iteration)
@@ -64,9 +67,12 @@ def training_step(
                 out = (model or arch)(micro_batch, teacher_temp=values["teacher_temp"])
             (backward or torch.Tensor.backward)(out["loss"] / len(micro_batches))
         outputs.append({k: v.detach() for k, v in out.items()})
+    for name in frozen:
+        for parameter in arch.student[name].parameters():
+            parameter.grad = None
     grad_norms = arch.clip_gradients(clip_grad)
     optimizer.step()
-    arch.update_teacher(values["momentum"])
+    arch.update_teacher(values["momentum"], skip=frozen)
     out = {key: torch.stack([o[key].float() for o in outputs]).mean() for key in outputs[0]}
     scalars = {**out, **grad_norms}
     # One device-to-host copy for all scalars (one sync per step, not one per metric).

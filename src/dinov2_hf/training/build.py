@@ -19,6 +19,7 @@ from ..objective.distill import DistillMetaArch, FeatureDistillMetaArch
 from ..objective.meta_arch import build_meta_arch
 from . import run_dir
 from .config import TrainConfig
+from .init_from import InitSource, load_init, resolve_init
 from .parallelize import fsdp_requested
 
 
@@ -72,11 +73,19 @@ def check_teacher_source(config: TrainConfig) -> None:
         check_backbone_source(teacher, "distill.teacher=")
 
 
-def build_arch(config: TrainConfig) -> nn.Module:
-    """The module the trainer optimises: self-distillation, or distillation from ``distill.teacher``."""
+def build_arch(config: TrainConfig, init: InitSource | None = None) -> nn.Module:
+    """The module the trainer optimises: self-distillation, or distillation from ``distill.teacher``.
+
+    With ``model.init_from`` pass the config and source :func:`training.init_from.resolve_init` returned (else it
+    is resolved here): the objective is built as from scratch, then the source's weights are copied in."""
     distill = config.distill
+    if config.model.init_from and init is None:
+        config, init = resolve_init(config)
     if not distill.teacher:
-        return build_meta_arch(config)
+        arch = build_meta_arch(config)
+        if init is not None:
+            load_init(arch, init)
+        return arch
     if config.objective != "dino":
         raise ValueError(f"objective={config.objective}: distillation trains with objective=dino.")
     mode = distill.mode

@@ -36,6 +36,10 @@ class TrainSettings:
     log_every: int = 10
     log_with: str = "auto"  # Accelerate trackers: "auto" (TensorBoard if installed), "none", or e.g. "wandb,tensorboard"
     resume: str = "auto"  # "auto" (newest complete checkpoint in output_dir), "none", or a checkpoint folder
+    # The first N steps train the heads only: the student backbone gets no update and its EMA teacher stays put,
+    # so that fresh heads do not push random gradients into a pretrained backbone (model.init_from). -1 (auto):
+    # 10% of the run when model.init_from starts fresh heads, 0 when it loads the source's heads or without it.
+    freeze_backbone_steps: int = -1
 
     def __post_init__(self) -> None:
         if self.stop_on_collapse < 0:
@@ -54,6 +58,9 @@ class TrainSettings:
             value = getattr(self, key)
             if value < 1:
                 raise ValueError(f"train.{key}={value} must be at least 1 ({what}).")
+        if self.freeze_backbone_steps < -1:
+            raise ValueError(f"train.freeze_backbone_steps={self.freeze_backbone_steps} must be -1 (auto), 0 (off) or "
+                             "a number of steps.")
         if self.num_workers < 0:
             raise ValueError(f"train.num_workers={self.num_workers} must be 0 (load in the main process) or more.")
 

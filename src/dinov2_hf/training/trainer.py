@@ -30,6 +30,7 @@ from .build import build_arch, build_optimizer, check_teacher_source
 from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .export import export_backbone
+from .init_from import resolve_init
 from .metrics import CollapseWatch, MetricsLogger, trackers
 from .monitor import KnnMonitor
 from .parallelize import distributed_on_cpu, full_root_params, no_gradient_sync, parallelize
@@ -67,6 +68,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, callbacks: Sequence[object] = ()) -> None:
         """``callbacks``: objects with an ``on_export(trainer, export_dir, last_record)`` method, called on every
         process after the export (``dinov2_hf.hub.hub_callbacks`` writes model cards and pushes)."""
+        # model.init_from: the source checked against the recipe before any work, its architecture written into
+        # the recipe the checkpoints carry (the config is returned unchanged without it).
+        config, self.init_source = resolve_init(config)
         train = config.train  # its values were checked when the config was built (TrainConfig.__post_init__)
         self.config, self.callbacks = config, list(callbacks)
         self.accelerator = Accelerator(
@@ -84,7 +88,8 @@ class Trainer:
         check_teacher_source(config)
         self.batches = Batches(config, self.accelerator)  # (checks the data source before the model is built)
         self.monitor = KnnMonitor(config.monitor, config.crops.global_crops_size) if config.monitor.source else None
-        arch = build_arch(config)
+        arch = build_arch(config, self.init_source)
+        self.freeze_steps = max(train.freeze_backbone_steps, 0)  # (-1, auto, is resolved with model.init_from)
         self.model, self.optimizer, self.sharded = parallelize(
             arch, self.accelerator, train, lambda module: build_optimizer(module, config.optim)
         )
@@ -126,7 +131,7 @@ class Trainer:
             self.accelerator.unwrap_model(self.model), self.optimizer, batch, self.phase.schedules,
             self.step - self.phase.start, self.config.optim.clip_grad,
             model=self.model, backward=self.accelerator.backward, autocast=self.accelerator.autocast,
-            no_sync=lambda: no_gradient_sync(self.model),
+            no_sync=lambda: no_gradient_sync(self.model), frozen=("backbone",) if self.step < self.freeze_steps else (),
         )
 
     def knn_monitor(self) -> float:
