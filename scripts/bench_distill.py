@@ -13,22 +13,38 @@
 Every run reports the kNN monitor (weighted k=20 on normalised CLS of the exported backbone, the
 recipe's monitor split) at initialisation and at the end, its wall time, and the final teacher entropy
 (1.0 = the flat collapse of the DINO head). Same seed for every run: the students start from the same weights.
+
+With a ready teacher (``--teacher FOLDER``, a backbone without heads such as the supervised CIFAR-10 teacher of
+``scripts/make_distill_teacher.py``, a stand-in for a strong released model) nothing is pretrained: for each of
+``--seeds`` the student is trained from scratch with the SSL recipe and distilled in headless mode from the same
+initial weights, same steps and batch; the JSON holds per-seed kNN, the means and the margin (distilled - scratch).
+Paper mode needs the teacher's DINO heads, which such a teacher has not: it is reported as not applicable.
+
+    OMP_NUM_THREADS=1 python scripts/bench_distill.py --recipe cifar10_cpu --teacher tests/fixtures/cifar_teacher \
+        --seeds 0 1 2 --out benchmarks/bench_distill_supervised_teacher_cpu.json      # 6 runs, ~20 min on one thread
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from dinov2_hf.training.config import load_train_config
-from dinov2_hf.training.trainer import Trainer
+import torch  # noqa: E402
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+from dinov2_hf.modeling.loading import load_backbone  # noqa: E402
+from dinov2_hf.training.config import MonitorSettings, load_train_config  # noqa: E402
+from dinov2_hf.training.monitor import KnnMonitor  # noqa: E402
+from dinov2_hf.training.trainer import Trainer  # noqa: E402
+
+CIFAR = Path(os.environ.get("DINOV2_HF_CIFAR10", Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"))
 
 # Per recipe: the flags' defaults, and whether each run's schedule is compressed to its own length
 # (cifar10's is 19,500 steps) or is the recipe's own, stopped at --*-steps (the quickstart's 400 steps).
@@ -39,6 +55,10 @@ RECIPES = {
                 "student_width": 48, "student_blocks": 2, "prototypes": 512, "head_hidden": 256, "local_crops": 2,
                 "data": str(CIFAR / "train-00000-of-00005.parquet"), "knn_source": str(CIFAR / "test-00000-of-00001.parquet"),
                 "knn_train": 2000, "knn_test": 1000},
+    # With --teacher (a ready, headless teacher): the cifar10_cpu student and the kNN protocol of README "Small data".
+    "cifar10_cpu": {"compress": False, "student_steps": 150, "batch": 64, "student_width": 96, "student_blocks": 4,
+                    "data": str(CIFAR / "train-*.parquet"), "knn_source": str(CIFAR / "train-00000-of-00005.parquet"),
+                    "knn_test_source": str(CIFAR / "test-00000-of-00001.parquet"), "knn_train": 5000, "knn_test": 1000},
 }
 
 
@@ -55,7 +75,7 @@ def overrides(args, width: int, blocks: int, steps: int, output: Path, extra: li
         result += ["schedule.epochs=10", f"schedule.epoch_length={max(1, steps // 10)}", "schedule.warmup_epochs=1",
                    "schedule.warmup_teacher_temp_epochs=3"]
     optional = {"data": "data.source", "knn_source": "monitor.source", "knn_train": "monitor.train_images",
-                "knn_test": "monitor.test_images", "local_crops": "crops.local_crops_number"}
+                "knn_test": "monitor.test_images", "knn_test_source": "monitor.test_source", "local_crops": "crops.local_crops_number"}
     result += [f"{key}={getattr(args, flag)}" for flag, key in optional.items() if getattr(args, flag) is not None]
     if args.data is not None:
         result.append("data.shuffle_buffer=1000")
@@ -78,6 +98,38 @@ def run(name: str, recipe: str, overrides: list[str]) -> dict:
     return result
 
 
+def teacher_knn(args) -> float:
+    """kNN of the ready teacher itself, with the students' protocol (the monitor's settings and image size)."""
+    config = load_train_config(args.recipe, overrides(args, args.student_width, args.student_blocks, 1, Path(args.workdir)))
+    settings = MonitorSettings(**{**vars(config.monitor), "every": 1})
+    teacher, _ = load_backbone(args.teacher)
+    return KnnMonitor(settings, config.crops.global_crops_size)(teacher.float(), torch.device("cpu"))
+
+
+def compare_with_ready_teacher(args) -> dict:
+    """Per seed: the student from scratch (SSL recipe) and distilled headless from ``--teacher``, same initial weights."""
+    work, student = Path(args.workdir), (args.student_width, args.student_blocks, args.student_steps)
+    results = {"teacher": {"folder": args.teacher, "knn": teacher_knn(args)}, "per_seed": {},
+               "distilled_heads": "not applicable: the teacher is a backbone without DINO heads (paper mode distils "
+                                  "the teacher's prototype distributions)"}
+    print(f"teacher: {json.dumps(results['teacher'])}", flush=True)
+    for seed in args.seeds:
+        args.seed = seed
+        results["per_seed"][seed] = {
+            "scratch": run(f"seed {seed} scratch", args.recipe, overrides(args, *student, work / f"seed{seed}" / "scratch")),
+            "distilled_features": run(f"seed {seed} distilled_features", args.recipe, overrides(
+                args, *student, work / f"seed{seed}" / "features", [f"distill.teacher={args.teacher}", "distill.mode=features", *args.distill_set])),
+        }
+    finals = {name: [runs[name]["knn_final"] for runs in results["per_seed"].values()] for name in ("scratch", "distilled_features")}
+    margins = [d - s for s, d in zip(finals["scratch"], finals["distilled_features"])]
+    results["summary"] = {
+        "knn_scratch": finals["scratch"], "knn_distilled_features": finals["distilled_features"], "margins": margins,
+        "mean_scratch": statistics.mean(finals["scratch"]), "mean_distilled_features": statistics.mean(finals["distilled_features"]),
+        "mean_margin": statistics.mean(margins), "min_margin": min(margins),
+    }
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="quickstart")
@@ -86,8 +138,15 @@ def main() -> None:
         parser.add_argument(f"--{flag}", type=int, help="default: the recipe's (see RECIPES)")
     parser.add_argument("--data", help="training images (default: the recipe's)")
     parser.add_argument("--knn-source", help="labelled kNN monitor images (default: the recipe's)")
+    parser.add_argument("--knn-test-source", help="kNN queries from this source (default: the recipe's; none: after the memory)")
+    parser.add_argument("--teacher", help="a ready headless teacher (e.g. tests/fixtures/cifar_teacher): no pretraining; "
+                                          "scratch vs headless distillation over --seeds")
+    parser.add_argument("--distill-set", nargs="*", default=[], help="with --teacher: overrides of the distilled runs only "
+                                                                      "(e.g. their own lr: schedule.base_lr=0.032)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="with --teacher: one comparison per seed")
     parser.add_argument("--workers", type=int, default=1, help="train.num_workers (data loader processes)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     parser.add_argument("--precision", default="no", help="train.mixed_precision (bf16 on a GPU)")
     parser.add_argument("--workdir", default="runs/bench_distill")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -95,11 +154,26 @@ def main() -> None:
     for key, value in RECIPES[args.recipe].items():
         if key != "compress" and getattr(args, key) is None:
             setattr(args, key, value)
-    if args.data is not None and not args.data.startswith("sklearn:") and not Path(args.data).exists():
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.data is not None and not args.data.startswith("sklearn:") and not glob.glob(args.data):
         raise SystemExit(f"--data {args.data} does not exist (CIFAR-10 parquet shards are expected in {CIFAR}).")
+    if args.teacher:
+        results = {"config": vars(args), **compare_with_ready_teacher(args)}
+    else:
+        if args.teacher_steps is None:
+            raise SystemExit(f"--recipe {args.recipe} needs a ready --teacher (it pretrains none).")
+        results = {"config": vars(args), **pretrain_and_compare(args)}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=2))
 
+
+def pretrain_and_compare(args) -> dict:
+    """Issue 7's comparison: pretrain a teacher, then scratch vs paper mode vs headless mode (one seed)."""
     work = Path(args.workdir)
-    results = {"config": vars(args)}
+    results = {}
     results["teacher"] = run("teacher", args.recipe, overrides(args, args.teacher_width, args.teacher_blocks, args.teacher_steps, work / "teacher"))
     checkpoint = work / "teacher" / "checkpoints" / f"checkpoint-{args.teacher_steps}"
     student = (args.student_width, args.student_blocks, args.student_steps)
@@ -108,10 +182,7 @@ def main() -> None:
         args, *student, work / "heads", [f"distill.teacher={checkpoint}", "distill.mode=heads"]))
     results["distilled_features"] = run("distilled_features", args.recipe, overrides(
         args, *student, work / "features", [f"distill.teacher={work / 'teacher' / 'export' / 'transformers'}", "distill.mode=features"]))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=2))
+    return results
 
 
 if __name__ == "__main__":

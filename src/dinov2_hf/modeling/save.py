@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .convert_transformers import to_transformers
 from .modeling_dinov2_hf import Dinov2HFModel
 from .processor import dinov2_image_processor
@@ -28,16 +30,18 @@ def check_output_dir(output_dir: str | Path) -> Path:
 
 
 def export_transformers(
-    model: Dinov2HFModel, output_dir: str | Path, crop_size: int = 224, image_processor=None
+    model: Dinov2HFModel, output_dir: str | Path, crop_size: int = 224, image_processor=None, dtype: torch.dtype | None = None
 ) -> Path:
     """Save ``model`` in stock transformers format with the DINOv2 image processor.
 
     The folder loads with ``AutoModel.from_pretrained`` and ``pipeline("image-feature-extraction")``
     without ``dinov2_hf`` and without ``trust_remote_code``. ``image_processor``: saved instead of the
-    DINOv2 processor for ``crop_size`` (e.g. the source folder's own, to keep its preprocessing).
+    DINOv2 processor for ``crop_size`` (e.g. the source folder's own, to keep its preprocessing). ``dtype``: the
+    stored weights' dtype (default: the model's), e.g. ``torch.float16`` for half the size of a small fixture.
     """
     output_dir = check_output_dir(output_dir)
-    to_transformers(model).save_pretrained(output_dir)
+    stock = to_transformers(model)
+    (stock if dtype is None else stock.to(dtype)).save_pretrained(output_dir)
     if image_processor is None:
         image_processor = dinov2_image_processor(crop_size=crop_size)
     image_processor.save_pretrained(output_dir)
