@@ -247,6 +247,9 @@ def test_a_signal_to_accelerate_launch_checkpoints_and_returns_after_it(how, cif
         [launcher, "launch", "--num_processes", "1", "--cpu", "--num_cpu_threads_per_process", "1",
          str(ROOT / "train.py"), "--config", "cifar10", *overrides],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # As from a shell: Ctrl-C raises KeyboardInterrupt in the launcher (pytest-xdist workers ignore SIGINT,
+        # and a child inherits that, so the launcher would never see the interrupt).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 300  # a bound on a hang, not a timing assertion
