@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -85,7 +86,7 @@ def main() -> None:
     export, _, source_seconds = train("quickstart", source_overrides)
     source = legacy_layout(export, work / "source-legacy")
     record = {
-        "machine": {"cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(), "torch": torch.__version__},
         "args": vars(args), "source": {"recipe": "quickstart", "data": "sklearn:digits", "wall_seconds": round(source_seconds, 1),
                                        "knn": both_domains(source)},

@@ -230,7 +230,7 @@ class Trainer:
         result.stop_signal, result.stopped_on_collapse = self.stop_signal, self.stopped_on_collapse
         if self.stop_signal is not None:
             logger.info("Stopped by signal %d at step %d; checkpoint %s. Run the same command to resume.",
-                           self.stop_signal, self.step, self.run.latest())
+                        self.stop_signal, self.step, self.run.latest())
         elif self.stopped_on_collapse:
             logger.error("Stopped at step %d after %d consecutive collapsed steps (train.stop_on_collapse); checkpoint %s.",
                          self.step, self.collapse_watch.collapsed_steps, self.run.latest())
