@@ -11,6 +11,7 @@ global mean).
 import os
 import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -58,30 +59,42 @@ def run(arch: SSLMetaArch, batch: dict, model=None) -> list[dict]:
     return [training_step(arch, optimizer, batch, schedules, 2000 + step, 3.0, model=model) for step in range(STEPS)]
 
 
-def _worker(rank: int, init_file: str, centering: str, results: dict) -> None:
+def _centering_run(rank: int, centering: str) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
+    torch.manual_seed(0)
+    arch = SSLMetaArch(config(centering)).train()
+    ddp = DistributedDataParallel(arch, broadcast_buffers=False)
+    records = run(arch, half(global_batch(arch.config), rank, 2), model=ddp)
+    arch.apply_pending_center_updates()  # pending sums are rank-local until folded in
+    return {"records": records, "state": {k: v.clone() for k, v in arch.state_dict().items()}}
+
+
+def _worker(rank: int, init_file: str, results: dict) -> None:
+    """Every two-rank case of this module in one spawn (a spawned process imports torch and transformers anew)."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        torch.manual_seed(0)
-        arch = SSLMetaArch(config(centering)).train()
-        ddp = DistributedDataParallel(arch, broadcast_buffers=False)
-        records = run(arch, half(global_batch(arch.config), rank, 2), model=ddp)
-        arch.apply_pending_center_updates()  # pending sums are rank-local until folded in
-        results[rank] = {"records": records, "state": {k: v.clone() for k, v in arch.state_dict().items()}}
+        for centering in ("softmax_center", "sinkhorn_knopp"):
+            results[(rank, centering)] = _centering_run(rank, centering)
+        _accumulating_runs(rank, results)
     finally:
         dist.destroy_process_group()
 
 
-def check(centering: str) -> None:
+@pytest.fixture(scope="module")
+def two_ranks() -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        results = mp.Manager().dict()
+        mp.spawn(_worker, args=(os.path.join(tmp, "init"), results), nprocs=2, join=True)
+        return dict(results)
+
+
+def check(centering: str, two_ranks: dict) -> None:
     torch.manual_seed(0)
     arch = SSLMetaArch(config(centering)).train()
     single = run(arch, global_batch(arch.config))
     arch.apply_pending_center_updates()
-    with tempfile.TemporaryDirectory() as tmp:
-        results = mp.Manager().dict()
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), centering, results), nprocs=2, join=True)
-        results = dict(results)
+    results = {rank: two_ranks[(rank, centering)] for rank in range(2)}
     for step in range(STEPS):
         for key in ("loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss"):
             two = (results[0]["records"][step][key] + results[1]["records"][step][key]) / 2
@@ -92,56 +105,48 @@ def check(centering: str) -> None:
         torch.testing.assert_close(results[1]["state"][name], value, rtol=0, atol=0, msg=f"ranks differ: {name}")
 
 
-def test_two_ranks_equal_one_process_softmax_center():
-    check("softmax_center")
+def test_two_ranks_equal_one_process_softmax_center(two_ranks):
+    check("softmax_center", two_ranks)
 
 
-def test_two_ranks_equal_one_process_sinkhorn_knopp():
-    check("sinkhorn_knopp")
+def test_two_ranks_equal_one_process_sinkhorn_knopp(two_ranks):
+    check("sinkhorn_knopp", two_ranks)
 
 
-def _accumulating_worker(rank: int, init_file: str, results: dict) -> None:
+def _accumulating_runs(rank: int, results: dict) -> None:
     """Two micro-batches per step on each rank, with and without ``no_gradient_sync``; gradient all-reduces counted."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
     from dinov2_hf.training.parallelize import no_gradient_sync
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        for skip_sync in (True, False):
-            torch.manual_seed(0)
-            arch = SSLMetaArch(config("softmax_center")).train()
-            ddp = DistributedDataParallel(arch, broadcast_buffers=False)
-            buckets = []
+    for skip_sync in (True, False):
+        torch.manual_seed(0)
+        arch = SSLMetaArch(config("softmax_center")).train()
+        ddp = DistributedDataParallel(arch, broadcast_buffers=False)
+        buckets = []
 
-            def counting_allreduce(group, bucket, buckets=buckets):
-                buckets.append(bucket.index())
-                return default_hooks.allreduce_hook(group, bucket)
+        def counting_allreduce(group, bucket, buckets=buckets):
+            buckets.append(bucket.index())
+            return default_hooks.allreduce_hook(group, bucket)
 
-            ddp.register_comm_hook(None, counting_allreduce)
-            optimizer = torch.optim.AdamW(param_groups(arch.student))
-            schedules = build_schedules(arch.config.schedule, IMAGES)
-            micro_batches = [fake_batch(arch.config, IMAGES // 2, seed=2 * rank + i) for i in range(2)]
-            no_sync = (lambda ddp=ddp: no_gradient_sync(ddp)) if skip_sync else None
-            records = [training_step(arch, optimizer, micro_batches, schedules, 2000 + step, 3.0, model=ddp, no_sync=no_sync)
-                       for step in range(STEPS)]
-            arch.apply_pending_center_updates()
-            results[(rank, skip_sync)] = {"records": records, "buckets": buckets,
-                                          "state": {k: v.clone() for k, v in arch.state_dict().items()}}
-    finally:
-        dist.destroy_process_group()
+        ddp.register_comm_hook(None, counting_allreduce)
+        optimizer = torch.optim.AdamW(param_groups(arch.student))
+        schedules = build_schedules(arch.config.schedule, IMAGES)
+        micro_batches = [fake_batch(arch.config, IMAGES // 2, seed=2 * rank + i) for i in range(2)]
+        no_sync = (lambda ddp=ddp: no_gradient_sync(ddp)) if skip_sync else None
+        records = [training_step(arch, optimizer, micro_batches, schedules, 2000 + step, 3.0, model=ddp, no_sync=no_sync)
+                   for step in range(STEPS)]
+        arch.apply_pending_center_updates()
+        results[(rank, skip_sync)] = {"records": records, "buckets": buckets,
+                                      "state": {k: v.clone() for k, v in arch.state_dict().items()}}
 
 
-def test_gradient_accumulation_reduces_gradients_once_per_step():
+def test_gradient_accumulation_reduces_gradients_once_per_step(two_ranks):
     """``no_gradient_sync`` on all micro-batches but the last: the same update as reducing after each
     micro-batch, with one gradient all-reduce per bucket and optimizer step instead of one per micro-batch."""
-    with tempfile.TemporaryDirectory() as tmp:
-        results = mp.Manager().dict()
-        mp.spawn(_accumulating_worker, args=(os.path.join(tmp, "init"), results), nprocs=2, join=True)
-        results = dict(results)
     for rank in range(2):
-        once, every = results[(rank, True)], results[(rank, False)]
+        once, every = two_ranks[(rank, True)], two_ranks[(rank, False)]
         buckets = len(set(once["buckets"]))
         assert len(once["buckets"]) == STEPS * buckets and len(every["buckets"]) == 2 * STEPS * buckets
         for a, b in zip(once["records"], every["records"]):

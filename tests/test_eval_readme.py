@@ -1,25 +1,19 @@
-"""The README's ``dinov2-hf eval`` commands run as shown (with the console script, as a user would)."""
+"""The README's ``dinov2-hf eval`` commands run as shown (in process: tests/cli_in_process.py)."""
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
+from cli_in_process import run_cli
 from eval_threads import single_thread  # noqa: F401  (autouse: one compute thread)
 from test_readme import readme_cli_commands
 
 
-def test_readme_eval_commands_run_as_shown(tmp_path, cifar_dir):
-    executable = shutil.which("dinov2-hf") or str(Path(sys.executable).parent / "dinov2-hf")
+def test_readme_eval_commands_run_as_shown(tmp_path, cifar_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     commands = [(c, shown) for c, shown in readme_cli_commands() if c.split()[1] == "eval"]
     assert [c.split()[2] for c, _ in commands] == ["knn", "linear", "visualize"]
     for command, shown in commands:
         command = command.replace("../shared/data/cifar10", str(cifar_dir))
-        result = subprocess.run([executable, *command.split()[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})  # see eval_threads.py
-        assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
-        printed = result.stdout.splitlines()
+        code, out, err = run_cli(capsys, *command.split()[1:])
+        assert code == 0, f"{command}\n{err[-2000:]}"
+        printed = out.splitlines()
         assert len(printed) == len(shown), (printed, shown)
         for line, expected in zip(printed, shown):
             name, _, value = expected.partition(": ")

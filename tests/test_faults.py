@@ -16,20 +16,13 @@ from pathlib import Path
 import pytest
 import test_trainer as trainer_tests
 from bad_images import CORPUS, encoded
+from cli_in_process import run_cli as run
 from PIL import Image
 
 from dinov2_hf.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 UNDECODABLE = sum(1 for *_, size in CORPUS if size is None)  # truncated, empty, text, oversized
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    """``dinov2-hf ARGS`` in process: exit code, stdout, stderr (an uncaught exception fails the test)."""
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err, captured.err[-2000:]
-    return code, captured.out, captured.err
 
 
 # -- bad images: train, eval and curate skip and count them ---------------------------------------------------

@@ -120,20 +120,28 @@ def test_bad_sources_fail_before_any_work(tmp_path):
     assert resolve_source(DataSettings(source="someuser/some-dataset"))[0] == "someuser/some-dataset"
 
 
-def test_arrow_threads_finish_waits_once_after_the_body_even_when_it_raises(monkeypatch):
+def test_arrow_threads_finish_defers_datasets_waits_to_one_wait_at_exit_even_when_the_body_raises(monkeypatch):
+    from datasets import config as datasets_config
+
     calls = []
     monkeypatch.setattr(shutdown.gc, "collect", lambda: calls.append("collect"))
-    monkeypatch.setattr(shutdown.time, "sleep", lambda seconds: calls.append(("sleep", seconds)))
-    wait = ("sleep", shutdown.datasets_config.SLEEP_TIME_ON_THREADS_SHUTDOWN)
+    monkeypatch.setattr(shutdown.atexit, "register", lambda function: calls.append(("at exit", function)))
+    monkeypatch.setattr(shutdown, "_wait_registered", False)
+    monkeypatch.setattr(datasets_config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 5)
     with shutdown.arrow_threads_finish():
-        calls.append("body")
-    assert calls == ["body", "collect", wait]
+        calls.append(("body", datasets_config.SLEEP_TIME_ON_THREADS_SHUTDOWN))  # datasets' own sleeps are off
+    assert calls == [("body", 0), "collect", ("at exit", shutdown._wait_for_arrow_threads)]
+    assert datasets_config.SLEEP_TIME_ON_THREADS_SHUTDOWN == 5
     calls.clear()
-    with pytest.raises(KeyboardInterrupt):  # the body's exception propagates, after the wait
+    with pytest.raises(KeyboardInterrupt):  # the body's exception propagates, after the collection
         with shutdown.arrow_threads_finish():
             calls.append("body")
             raise KeyboardInterrupt
-    assert calls == ["body", "collect", wait]
+    assert calls == ["body", "collect"]  # the exit wait is registered once per process
+    assert datasets_config.SLEEP_TIME_ON_THREADS_SHUTDOWN == 5
+    monkeypatch.setattr(shutdown.time, "sleep", lambda seconds: calls.append(("sleep", seconds)))
+    shutdown._wait_for_arrow_threads()
+    assert calls[-1] == ("sleep", 5)
 
 
 def test_oversized_images_are_skipped_and_counted_not_a_crash(tmp_path):

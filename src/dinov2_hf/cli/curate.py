@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..data.shutdown import arrow_threads_finish
+
 
 def add_curate_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -21,6 +23,7 @@ def add_curate_parser(subparsers) -> None:
     parser.set_defaults(func=run_curate)
 
 
+@arrow_threads_finish()  # datasets' waits for Arrow threads: once, at exit
 def run_curate(args: argparse.Namespace) -> dict:
     from ..curate.config import load_curate_config
     from ..curate.pipeline import run_curation

@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..data.shutdown import arrow_threads_finish
+
 CLASSIFICATION_TASKS = ("knn", "linear", "logreg")
 RETRIEVAL_TASKS = ("retrieval", "copydetect")
 DENSE_TASKS = ("segmentation", "depth")
@@ -147,6 +149,7 @@ def _settings(args: argparse.Namespace, test: bool):
     )
 
 
+@arrow_threads_finish()  # datasets' waits for Arrow threads: once, at exit
 def run_eval(args: argparse.Namespace) -> dict:
     """Run one evaluation task from parsed arguments; prints the metrics and writes ``args.output``."""
     import torch

@@ -58,7 +58,6 @@ def run_train(args: argparse.Namespace) -> None:
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         return
 
-    from ..data.shutdown import arrow_threads_finish
     from ..hub.training import hub_callbacks
     from ..training.trainer import Trainer
 
@@ -67,11 +66,10 @@ def run_train(args: argparse.Namespace) -> None:
     trainer = Trainer(config, callbacks)
     if trainer.accelerator.is_main_process:
         print(f"dinov2_hf train: {trainer.describe()}; {config.total_steps} steps -> {trainer.output_dir}", flush=True)
-    # The report is printed before the Arrow threads' wait: a launcher stopping the run gives it 5 s after the
-    # signal, and the line saying where the checkpoint is must come out.
-    with arrow_threads_finish():  # else the process can abort at exit (streaming parquet's Arrow threads)
-        result = trainer.train()
-        code = _report(trainer, result) if trainer.accelerator.is_main_process else _exit_code(result)
+    # The report comes before the Arrow threads' wait at exit (data.shutdown): a launcher stopping the run gives
+    # it 5 s after the signal, and the line saying where the checkpoint is must come out.
+    result = trainer.train()
+    code = _report(trainer, result) if trainer.accelerator.is_main_process else _exit_code(result)
     if code:
         raise SystemExit(code)
 

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from ..data.position import DataPosition
+from ..data.shutdown import arrow_threads_finish
 from ..objective.step import training_step
 from .batches import Batches
 from .build import build_arch, build_optimizer, check_teacher_source
@@ -191,15 +192,13 @@ class Trainer:
         handlers are restored on return (in a notebook, interrupting the kernel raises KeyboardInterrupt
         again in later cells).
 
-        A script that streams parquet and exits soon after should call this inside
-        ``with dinov2_hf.data.shutdown.arrow_threads_finish():`` (as ``dinov2-hf train`` does): it waits once for
-        the Arrow threads of the dropped streams, without which the process can abort at exit. It is not done
-        here because the wait (``datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN`` seconds) is needed once per
-        process, not once per run.
+        Streams dropped mid-pass are collected on return, and the process waits for their Arrow threads once,
+        at exit (``data.shutdown.arrow_threads_finish``), without which it can abort there.
         """
         previous = self._handle_signals()
         try:
-            return self._train()
+            with arrow_threads_finish():
+                return self._train()
         finally:
             for signum, handler in previous.items():
                 if handler is not None:  # None: installed outside Python, cannot be put back
