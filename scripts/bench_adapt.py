@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--source-steps", type=int, default=0, help="train.max_steps of the source run (default: the recipe's)")
     parser.add_argument("--adapt-steps", type=int, default=0, help="train.max_steps of each adaptation (default: the recipe's)")
+    parser.add_argument("--source", help="a source backbone folder made by an earlier run (its source-legacy/): no source run")
+    parser.add_argument("--set", nargs="*", default=[], help="overrides of each adaptation run (a lever to measure)")
     parser.add_argument("--dry-run", action="store_true", help="4 source and 4 adaptation steps: checks the script")
     parser.add_argument("--workdir", default="/tmp/bench_adapt")
     parser.add_argument("--out", required=True)
@@ -83,8 +85,11 @@ def main() -> None:
     source_overrides = [*RECIPES["quickstart"]["overrides"], f"train.output_dir={work / 'source'}", "train.seed=0"]
     if args.source_steps:
         source_overrides.append(f"train.max_steps={args.source_steps}")
-    export, _, source_seconds = train("quickstart", source_overrides)
-    source = legacy_layout(export, work / "source-legacy")
+    if args.source:
+        source, source_seconds = Path(args.source), 0.0
+    else:
+        export, _, source_seconds = train("quickstart", source_overrides)
+        source = legacy_layout(export, work / "source-legacy")
     record = {
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(), "torch": torch.__version__},
@@ -95,7 +100,7 @@ def main() -> None:
     print(json.dumps({"source": record["source"]}), flush=True)
     for seed in args.seeds:
         overrides = [f"model.init_from={source}", f"data.source={CIFAR / 'train-*.parquet'}", f"train.seed={seed}",
-                     f"train.output_dir={work / f'adapt-{seed}'}"]
+                     f"train.output_dir={work / f'adapt-{seed}'}", *args.set]
         if args.adapt_steps:
             overrides.append(f"train.max_steps={args.adapt_steps}")
         adapted, history, seconds = train("adapt_cpu", overrides)

@@ -46,3 +46,23 @@ def test_a_student_learns_the_fixture_teachers_features(cifar_dir, tmp_path):
     assert arch.teacher["backbone"].embeddings.patch_embeddings.projection.weight.dtype == torch.float32  # computed in fp32
     losses = [record["distill_cls_loss"] for record in trainer.train().history]
     assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5, losses  # cosine distance: 1 at the start
+
+
+def test_distilled_students_beat_the_same_student_trained_from_scratch(cifar_dir, tmp_path):
+    """Issue 17's acceptance at test scale (scripts/bench_distill.py measures it at CPU budget, 3 seeds): the same
+    student (patch 8 here, the teacher's grid: 4x cheaper than patch 4), from the same initial weights, with the same
+    steps, batch and data order, trained with the SSL recipe or distilled from the fixture teacher; kNN of each
+    exported backbone on 1,000 CIFAR-10 test images (2,000 training images as memory). Measured: 25.7% at
+    initialisation, 28.4% from scratch, 32.6% distilled. The 2.5-point bar is several times the seed-to-seed spread
+    of these runs (scratch at CPU budget: 32.1 / 33.2 / 32.7% over seeds 0-2), so it cannot pass by chance."""
+    torch.set_num_threads(1)
+    steps = 300
+    common = [f"monitor.source={cifar_dir / 'train-00000-of-00005.parquet'}", "monitor.train_images=2000",
+              f"monitor.test_source={cifar_dir / 'test-00000-of-00001.parquet'}", "monitor.test_images=1000",
+              f"monitor.every={steps}", "model.overrides.patch_size=8", "train.batch_size_per_device=64",
+              "schedule.epochs=5"]
+    scratch = Trainer(student_config(cifar_dir, tmp_path / "scratch", common, steps=steps)).train()
+    distilled = Trainer(student_config(cifar_dir, tmp_path / "distilled", [
+        *common, f"distill.teacher={TEACHER}", "schedule.base_lr=0.032", "distill.patch_weight=0"], steps=steps)).train()
+    assert scratch.initial_knn == distilled.initial_knn  # the same initial weights
+    assert distilled.final_knn >= scratch.final_knn + 0.025, (scratch.final_knn, distilled.final_knn)
