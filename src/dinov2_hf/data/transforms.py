@@ -163,6 +163,9 @@ class MultiCropGeometry:
 # -- batched photometric operations (float images in [0, 1], shape (B, 3, H, W)) ------------------
 
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2
+
+
 def _grayscale(images: torch.Tensor) -> torch.Tensor:
     """ITU-R 601-2 luma, (B, 1, H, W), as torchvision's rgb_to_grayscale."""
     r, g, b = images.unbind(dim=1)
@@ -178,42 +181,43 @@ def adjust_brightness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tens
 
 
 def adjust_contrast(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    mean = _grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
+    # The mean of the grayscale image, from the channel means (one pass, no grayscale image).
+    weights = torch.tensor(LUMA, device=images.device, dtype=images.dtype)
+    mean = (images.mean(dim=(2, 3)) * weights).sum(dim=1).view(-1, 1, 1, 1)
     f = _per_image(factors)
-    return (f * images + (1 - f) * mean).clamp_(0, 1)
+    return (images * f).add_((1 - f) * mean).clamp_(0, 1)
 
 
 def adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     f = _per_image(factors)
-    return (f * images + (1 - f) * _grayscale(images)).clamp_(0, 1)
+    return (images * f).add_(_grayscale(images).mul_(1 - f)).clamp_(0, 1)
 
 
 def adjust_hue(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     """Rotate hue by ``shifts`` (fractions of a turn) in HSV space, as torchvision's adjust_hue.
 
-    RGB -> (H, S, V) as torchvision's _rgb2hsv; back with the closed form
-    ``channel_n = V - V * S * clamp(min(k, 4 - k), 0, 1)``, ``k = (n + 6 H) mod 6``, n = 5, 3, 1 for
-    R, G, B: the same piecewise-linear map as the six-sector table, without materialising it.
+    RGB -> (H, S, V) as torchvision's _rgb2hsv, with the hue in sixths of a turn ``(offset + (x - y) / chroma)``
+    (offset 0, 2, 4 where red, green, blue is the largest channel; grey pixels get 0); back with the closed form
+    ``channel_n = V - V * S * clamp(min(k, 4 - k), 0, 1)``, ``k = (n + 6 H) mod 6``, n = 5, 3, 1 for R, G, B:
+    the same piecewise-linear map as the six-sector table, without materialising it (V * S = chroma).
     """
     r, g, b = images.unbind(dim=1)
     max_c = torch.maximum(torch.maximum(r, g), b)
     min_c = torch.minimum(torch.minimum(r, g), b)
     chroma = max_c - min_c
-    equal = chroma == 0
-    chroma_safe = torch.where(equal, 1.0, chroma)
-    rc, gc, bc = (max_c - r) / chroma_safe, (max_c - g) / chroma_safe, (max_c - b) / chroma_safe
     is_r = max_c == r
-    is_g = (max_c == g) & ~is_r
-    hue6 = torch.where(is_r, bc - gc, torch.where(is_g, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue6 = torch.where(equal, 0.0, hue6)  # grey pixels have hue 0, as torchvision's masks give
-    # hue in turns: torchvision's fmod(h / 6 + 1, 1), shifted and wrapped, then scaled back to [0, 6)
-    hue6 = torch.remainder(torch.fmod(hue6 / 6.0 + 1.0, 1.0) + shifts.view(-1, 1, 1), 1.0) * 6.0
-    value_times_saturation = torch.where(equal, 0.0, chroma)  # V * S = max - min
-    channels = []
-    for n in (5.0, 3.0, 1.0):
-        k = torch.remainder(hue6 + n, 6.0)
-        channels.append(max_c - value_times_saturation * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
-    return torch.stack(channels, dim=1).clamp_(0, 1)
+    is_g = (max_c == g).logical_and_(is_r.logical_not())
+    difference = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g))  # 0 for grey pixels (is_r there)
+    offset = torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0))
+    hue6 = difference.div_(torch.where(chroma == 0, 1.0, chroma)).add_(offset)  # in [-1, 5)
+    # torchvision's fmod(h / 6 + 1, 1), shifted and wrapped: in sixths of a turn, one remainder
+    hue6 = hue6.add_(shifts.view(-1, 1, 1).to(hue6.dtype) * 6.0).remainder_(6.0)
+    out = torch.empty_like(images)
+    for channel, n in enumerate((5.0, 3.0, 1.0)):
+        k = torch.add(hue6, n).remainder_(6.0)
+        weight = torch.minimum(k, torch.sub(4.0, k)).clamp_(0.0, 1.0)
+        torch.addcmul(max_c, chroma, weight, value=-1.0, out=out[:, channel])
+    return out.clamp_(0, 1)
 
 
 def blur_kernel_size(scale: float) -> int:
@@ -229,6 +233,16 @@ def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, kernel_size: int =
     kernels = torch.exp(-0.5 * (x.view(1, -1) / sigmas.view(-1, 1).to(images.dtype)) ** 2)
     kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)  # (B*C, k)
     pad = kernel_size // 2
+    if images.device.type == "cpu":
+        # On CPU, one depthwise convolution per image in channels-last layout is about 1.5x faster than the
+        # grouped convolution over the batch (the same sums).
+        padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
+        out = torch.empty_like(images)
+        for i in range(batch):
+            kernel = kernels[i * channels : (i + 1) * channels]
+            row = F.conv2d(padded[i : i + 1].contiguous(memory_format=torch.channels_last), kernel.view(-1, 1, 1, kernel_size), groups=channels)
+            out[i : i + 1] = F.conv2d(row, kernel.view(-1, 1, kernel_size, 1), groups=channels)
+        return out
     flat = F.pad(images.reshape(1, batch * channels, height, width), (pad, pad, pad, pad), mode="reflect")
     flat = F.conv2d(flat, kernels.view(-1, 1, 1, kernel_size), groups=batch * channels)
     flat = F.conv2d(flat, kernels.view(-1, 1, kernel_size, 1), groups=batch * channels)
@@ -286,8 +300,13 @@ class BatchedPhotometric:
     def _uniform(self, n: int, low: float, high: float, device, generator) -> torch.Tensor:
         return torch.rand(n, device=device, generator=generator) * (high - low) + low
 
-    def color_jitter(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """torchvision ColorJitter on a random subset (p), each image with its own factors and order (in place)."""
+    def color_jitter(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, grouped: bool | None = None
+    ) -> torch.Tensor:
+        """torchvision ColorJitter on a random subset (p), each image with its own factors and order (in place).
+
+        ``grouped`` (default: on CPU) runs the images of each order together, else one step at a time: the same
+        random draws and results either way."""
         n, device = images.shape[0], images.device
         selected = (torch.rand(n, device=device, generator=generator) < self.color_jitter_prob).nonzero().flatten()
         if selected.numel() == 0:
@@ -303,6 +322,18 @@ class BatchedPhotometric:
         # One random order per image (torchvision draws one per call): at each of the 4 steps, every
         # operation runs once, on the images whose order puts it at that step.
         orders = torch.argsort(torch.rand(k, 4, device=device, generator=generator), dim=1)
+        if grouped if grouped is not None else device.type == "cpu":
+            # The images of each order (at most 24) gathered once and run through their 4 steps: the same
+            # results with a quarter of the copies (the step-wise loop below launches fewer kernels on an accelerator).
+            codes = orders[:, 0] * 64 + orders[:, 1] * 16 + orders[:, 2] * 4 + orders[:, 3]
+            for code in torch.unique(codes).tolist():
+                members = (codes == code).nonzero().flatten()
+                rows = selected[members]
+                group = images[rows]
+                for op in orders[members[0]].tolist():
+                    group = operations[op](group, factors[op][members])
+                images[rows] = group
+            return images
         jittered = images[selected]
         for step in range(4):
             for op, operation in enumerate(operations):
@@ -342,7 +373,7 @@ class BatchedPhotometric:
 
     def _common(self, crops: torch.Tensor, generator) -> torch.Tensor:
         # A fresh float copy that the steps below may modify in place.
-        images = crops.float().div_(255) if crops.dtype == torch.uint8 else crops.float().clone()
+        images = torch.div(crops, 255.0) if crops.dtype == torch.uint8 else crops.float().clone()
         return self.random_grayscale(self.color_jitter(images, generator), generator)
 
     def global_crops(self, crops: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
