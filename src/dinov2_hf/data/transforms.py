@@ -87,6 +87,16 @@ class CropPlan:
     crops: list[tuple[int, tuple[int, int, int, int], bool]]
     reduction: int = 1
 
+    def boxes(self, width: int, height: int) -> list[tuple[int, int, int, int]]:
+        """The crop boxes in a ``width`` x ``height`` decoding of the image (reduced: scaled, rounded outwards)."""
+        if (width, height) == (self.width, self.height):
+            return [box for _, box, _ in self.crops]
+        sx, sy = width / self.width, height / self.height
+        return [
+            (math.floor(x0 * sx), math.floor(y0 * sy), min(math.ceil(x1 * sx), width), min(math.ceil(y1 * sy), height))
+            for _, (x0, y0, x1, y1), _ in self.crops
+        ]
+
 
 class MultiCropGeometry:
     """Per-image geometric part of the multi-crop: crops + flips, as uint8 (3, S, S) tensors.
@@ -128,14 +138,7 @@ class MultiCropGeometry:
         reduced decoding), else drawn now."""
         if plan is None:
             plan = self.plan(image.width, image.height)
-        sx, sy = image.width / plan.width, image.height / plan.height
-        if sx != 1 or sy != 1:  # a reduced decoding: boxes scaled, rounded outwards (never below the output size)
-            boxes = [
-                (math.floor(x0 * sx), math.floor(y0 * sy), min(math.ceil(x1 * sx), image.width), min(math.ceil(y1 * sy), image.height))
-                for _, (x0, y0, x1, y1), _ in plan.crops
-            ]
-        else:
-            boxes = [box for _, box, _ in plan.crops]
+        boxes = plan.boxes(image.width, image.height)
         if self.resize == "pil":
             crops = [self._pil_crop(image, size, box, flip) for (size, _, flip), box in zip(plan.crops, boxes)]
         else:
