@@ -332,10 +332,10 @@ class BatchedPhotometric:
             for code in torch.unique(codes).tolist():
                 members = (codes == code).nonzero().flatten()
                 rows = selected[members]
-                group = images[rows]
+                group = images.index_select(0, rows)
                 for op in orders[members[0]].tolist():
                     group = operations[op](group, factors[op][members])
-                images[rows] = group
+                images.index_copy_(0, rows, group)
             return images
         jittered = images[selected]
         for step in range(4):
@@ -360,6 +360,11 @@ class BatchedPhotometric:
         if selected.numel() == 0:
             return images
         sigmas = self._uniform(selected.numel(), *self.blur_sigma, images.device, generator)
+        if images.device.type == "cpu":
+            # One image at a time, in place: no gathered copy of the batch (fresh large buffers cost page faults).
+            for index, sigma in zip(selected.tolist(), sigmas.split(1)):
+                images[index] = gaussian_blur(images[index : index + 1], sigma, self.blur_kernel_size)[0]
+            return images
         images[selected] = gaussian_blur(images[selected], sigmas, self.blur_kernel_size)
         return images
 
@@ -376,7 +381,7 @@ class BatchedPhotometric:
 
     def _common(self, crops: torch.Tensor, generator) -> torch.Tensor:
         # A fresh float copy that the steps below may modify in place.
-        images = torch.div(crops, 255.0) if crops.dtype == torch.uint8 else crops.float().clone()
+        images = crops.float().div_(255) if crops.dtype == torch.uint8 else crops.float().clone()
         return self.random_grayscale(self.color_jitter(images, generator), generator)
 
     def global_crops(self, crops: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
