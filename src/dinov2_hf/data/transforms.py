@@ -1,9 +1,11 @@
 """DINOv2 multi-crop augmentation, split where it is fastest.
 
 1. :class:`MultiCropGeometry` (CPU, in DataLoader workers, per image): 2 global and N local
-   RandomResizedCrops (bicubic, aspect ratio 3/4-4/3) with random horizontal flips, each done as
-   one PIL resize of the crop box, returned as uint8 tensors. Decoding is the caller's
-   (:func:`dinov2_hf.data.open_rgb`).
+   RandomResizedCrops (bicubic, aspect ratio 3/4-4/3) with random horizontal flips: the image becomes
+   one uint8 tensor and each crop box one antialiased bicubic resize, returned as uint8 tensors.
+   Decoding is the caller's (:func:`dinov2_hf.data.open_rgb`); the boxes can be drawn from the image
+   size before decoding (:meth:`MultiCropGeometry.plan`), so that a JPEG much larger than every crop
+   is decoded reduced (``open_rgb``'s ``draft``, as :class:`~dinov2_hf.data.sources.MultiCropStream` does).
 2. :class:`BatchedPhotometric` (on the training device, per batch): color jitter (brightness 0.4,
    contrast 0.4, saturation 0.2, hue 0.1, random order, p=0.8), grayscale (p=0.2), Gaussian blur
    (kernel 9, sigma 0.1-2), solarize (threshold 128/255, global crop 2 only, p=0.2) and ImageNet
