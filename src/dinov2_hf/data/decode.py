@@ -32,7 +32,9 @@ class ImageDecodeError(ValueError):
     """An image that cannot be decoded (missing, empty, truncated, oversized, not an image): skipped and counted."""
 
 
-def open_rgb(source: str | Path | bytes | Image.Image, *, max_pixels: int | None = None) -> Image.Image:
+def open_rgb(
+    source: str | Path | bytes | Image.Image, *, max_pixels: int | None = None, draft: Callable[[int, int], int] | None = None
+) -> Image.Image:
     """Decode ``source`` (a path, encoded bytes or a PIL image) into an RGB PIL image, upright as displayed.
 
     Grayscale, palette, RGBA (composited on white, as browsers show it), CMYK and 16-bit images
@@ -40,8 +42,13 @@ def open_rgb(source: str | Path | bytes | Image.Image, *, max_pixels: int | None
     (``PIL.ImageOps.exif_transpose``, as ``datasets``' Image feature and transformers' ``load_image`` do).
     An image of more than ``max_pixels`` pixels (default :data:`MAX_IMAGE_PIXELS`) is refused from its
     header, before decoding. Anything that cannot be decoded raises :class:`ImageDecodeError`.
+
+    ``draft(width, height)``, called once with the upright size from the header before any pixel is decoded,
+    returns a reduction factor (1, 2, 4 or 8): a JPEG is then decoded at 1/factor of its size by the decoder's
+    DCT scaling (``Image.draft``), about ``factor**2`` times less work; the result is ``ceil(size / factor)``
+    pixels. Other formats ignore it (compare the returned size with the one ``draft`` was given).
     """
-    return _decode(source, max_pixels, _to_rgb)
+    return _decode(source, max_pixels, _to_rgb, draft)
 
 
 def open_image(source: str | Path | bytes | Image.Image, *, max_pixels: int | None = None) -> Image.Image:
@@ -50,7 +57,9 @@ def open_image(source: str | Path | bytes | Image.Image, *, max_pixels: int | No
     return _decode(source, max_pixels, lambda image: image)
 
 
-def _decode(source, max_pixels: int | None, finish: Callable[[Image.Image], Image.Image]) -> Image.Image:
+def _decode(
+    source, max_pixels: int | None, finish: Callable[[Image.Image], Image.Image], draft: Callable[[int, int], int] | None = None
+) -> Image.Image:
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if limit < 1:
         raise ValueError(f"max_pixels must be a positive number of pixels; got {limit}.")
@@ -78,6 +87,8 @@ def _decode(source, max_pixels: int | None, finish: Callable[[Image.Image], Imag
                 f"image {name} is {image.width}x{image.height} = {image.width * image.height:,} pixels, "
                 f"over the limit of {limit:,} (max_pixels, data.max_image_pixels)"
             )
+        if draft is not None:
+            _apply_draft(image, draft, reducible=opened is not None)
         image.load()  # decode now, so truncated files fail here and not in a worker later
         result = finish(_upright(image))
     except ImageDecodeError:
@@ -92,6 +103,21 @@ def _decode(source, max_pixels: int | None, finish: Callable[[Image.Image], Imag
     if opened is not None and result is not opened:
         opened.close()  # multi-frame files keep their file open until closed
     return result
+
+
+_SWAPPED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
+
+
+def _apply_draft(image: Image.Image, draft: Callable[[int, int], int], reducible: bool) -> None:
+    """Ask ``draft`` for a reduction factor from the upright size; a JPEG this call opened is decoded reduced."""
+    width, height = image.size
+    try:
+        swapped = image.getexif().get(ExifTags.Base.Orientation, 1) in _SWAPPED_ORIENTATIONS
+    except _DECODE_ERRORS:
+        swapped = False
+    factor = draft(*((height, width) if swapped else (width, height)))
+    if factor > 1 and reducible and image.format == "JPEG":
+        image.draft(image.mode, (max(width // factor, 1), max(height // factor, 1)))
 
 
 def _close(image: Image.Image | None) -> None:

@@ -249,11 +249,23 @@ class MultiCropStream(torch.utils.data.IterableDataset):
         worker = info.id if info is not None else 0
         skip = self.skip_rows[worker] if worker < len(self.skip_rows) else 0
         pending, skipped, row = None, 0, 0
+        plans = hasattr(self.transform, "plan")
         for row, example in enumerate(self.stream, start=1):
             if row <= skip:
                 continue  # consumed before a resume: read, not decoded
+            if self.seed is not None:
+                self.transform.rng.seed(example_seed(self.seed, worker, row))
+            plan = []
+
+            def draft(width: int, height: int, plan: list = plan) -> int:
+                plan.append(self.transform.plan(width, height))
+                return plan[0].reduction
+
             try:
-                image = open_rgb(image_source(example[self.image_column]), max_pixels=self.max_pixels)
+                # Crops drawn from the header's size (``transform.plan``), so that a JPEG much larger than every
+                # crop decodes reduced; other transforms get the full image.
+                extra = {"draft": draft} if plans else {}
+                image = open_rgb(image_source(example[self.image_column]), max_pixels=self.max_pixels, **extra)
             except ImageDecodeError:
                 skipped += 1
                 continue
@@ -261,9 +273,7 @@ class MultiCropStream(torch.utils.data.IterableDataset):
                 pending["skipped"], pending["rows"] = skipped, row - 1
                 skipped = 0
                 yield pending
-            if self.seed is not None:
-                self.transform.rng.seed(example_seed(self.seed, worker, row))
-            pending = self.transform(image)
+            pending = self.transform(image, plan[0]) if plan else self.transform(image)
             pending["worker"] = worker
             if self.label_column is not None:
                 pending["labels"] = example[self.label_column]
