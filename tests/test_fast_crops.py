@@ -226,3 +226,12 @@ def test_augmented_crops_keep_the_colour_statistics_of_the_former_path():
     torch.testing.assert_close(flat["torch"].mean(1), flat["pil"].mean(1), rtol=0, atol=0.01)
     torch.testing.assert_close(flat["torch"].std(1), flat["pil"].std(1), rtol=0, atol=0.01)
     assert torch.equal(gray["torch"], gray["pil"]) and 0.1 < gray["torch"].float().mean() < 0.3  # p = 0.2
+
+
+def test_the_recipe_chooses_the_resize_and_pil_stays_the_default():
+    """``crops.resize`` reaches the trainer's geometry (training/batches.py builds it from the crop settings); the
+    recipes' measured figures were taken with PIL's resize, which stays the default."""
+    from dinov2_hf.training.config import load_train_config
+
+    assert MultiCropGeometry(load_train_config("quickstart").crops).resize == "pil"
+    assert MultiCropGeometry(load_train_config("quickstart", ["crops.resize=torch"]).crops).resize == "torch"

@@ -1,8 +1,9 @@
 """DINOv2 multi-crop augmentation, split where it is fastest.
 
 1. :class:`MultiCropGeometry` (CPU, in DataLoader workers, per image): 2 global and N local
-   RandomResizedCrops (bicubic, aspect ratio 3/4-4/3) with random horizontal flips: the image becomes
-   one uint8 tensor and each crop box one antialiased bicubic resize, returned as uint8 tensors.
+   RandomResizedCrops (bicubic, aspect ratio 3/4-4/3) with random horizontal flips, each crop box one
+   bicubic resize (PIL's, or torch's antialiased one on the image as one uint8 tensor: ``crops.resize``),
+   returned as uint8 tensors.
    Decoding is the caller's (:func:`dinov2_hf.data.open_rgb`); the boxes can be drawn from the image
    size before decoding (:meth:`MultiCropGeometry.plan`), so that a JPEG much larger than every crop
    is decoded reduced (``open_rgb``'s ``draft``, as :class:`~dinov2_hf.data.sources.MultiCropStream` does).
@@ -51,6 +52,10 @@ class MultiCropSettings:
     # (kernel 9, sigma 0.1-2) at any crop size, N scales kernel and sigma by ``global_crops_size / N``.
     blur: Literal["intended", "official", "none"] = "intended"
     blur_reference_size: int = 0
+    # How each crop box is resized (MultiCropGeometry): ``pil``, one PIL bicubic resize per crop (the recipes'
+    # measured figures), or ``torch``, the image as one uint8 tensor and torch's antialiased bicubic per crop
+    # (about 2.5x faster on the CPU side, scripts/bench_data.py; the same boxes, pixels within a few levels).
+    resize: Literal["pil", "torch"] = "pil"
 
 
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], rng: random.Random) -> tuple[int, int, int, int]:
@@ -103,19 +108,20 @@ class CropPlan:
 class MultiCropGeometry:
     """Per-image geometric part of the multi-crop: crops + flips, as uint8 (3, S, S) tensors.
 
-    ``resize="torch"`` (default) converts the decoded image to a tensor once and resizes every crop box with
-    torch's uint8 antialiased bicubic interpolation (PIL's filter, about 3x faster); ``"pil"`` does one
-    ``Image.resize(box=...)`` per crop. Both draw the same boxes and flips from ``rng`` in the same order
-    (per crop: box, then flip). ``plan`` draws them from the image size alone, so that a JPEG can be
+    ``resize`` (default: the settings' ``resize``, ``"pil"``): ``"pil"`` does one ``Image.resize(box=...)`` per
+    crop; ``"torch"`` converts the decoded image to a tensor once and resizes every crop box with torch's uint8
+    antialiased bicubic interpolation (PIL's filter, about 3x faster). Both draw the same boxes and flips from
+    ``rng`` in the same order (per crop: box, then flip). ``plan`` draws them from the image size alone, so that a JPEG can be
     decoded reduced (:func:`dinov2_hf.data.open_rgb`'s ``draft``) when every crop is much smaller than it.
     """
 
     def __init__(
-        self, settings: MultiCropSettings | None = None, seed: int | None = None, resize: Literal["torch", "pil"] = "torch"
+        self, settings: MultiCropSettings | None = None, seed: int | None = None, resize: Literal["torch", "pil"] | None = None
     ) -> None:
+        self.settings = settings if settings is not None else MultiCropSettings()
+        resize = resize if resize is not None else self.settings.resize
         if resize not in ("torch", "pil"):
             raise ValueError(f"resize={resize!r}: choose 'torch' or 'pil'.")
-        self.settings = settings if settings is not None else MultiCropSettings()
         self.rng = random.Random(seed)
         self.resize = resize
 
