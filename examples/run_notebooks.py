@@ -66,8 +66,11 @@ def run_notebook(path: str | Path, workdir: str | Path, timeout: int = 600):
     notebook = nbformat.read(path, as_version=4)
     with tempfile.TemporaryDirectory(prefix="kernels-") as kernels:
         manager = KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=kernel_spec_manager(Path(kernels)))
-        client = NotebookClient(notebook, km=manager, timeout=timeout, resources={"metadata": {"path": str(workdir)}})
-        client.execute(env=kernel_environment())
+        # The kernel is stopped once the last cell has run (nbclient keeps a kernel it was handed alive until
+        # interpreter exit: a loop over notebooks would pile them up).
+        client = NotebookClient(notebook, km=manager, timeout=timeout, resources={"metadata": {"path": str(workdir)}},
+                                shutdown_kernel="immediate")
+        client.execute(env=kernel_environment(), cleanup_kc=True)
     return notebook
 
 

@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,8 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, capsys, monkeypatch):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # set by conftest; the kernel inherits it
     status = runner().main([str(copy), "--save-executed", str(tmp_path / "out")])
     printed = capsys.readouterr().out
+    kernels = [child for child in psutil.Process().children(recursive=True) if "ipykernel_launcher" in child.cmdline()]
+    assert kernels == [], kernels  # stopped after its last cell, not left running until the test session ends
     assert status == 0, printed[-5000:]
     code_cells = sum(cell.cell_type == "code" for cell in notebook.cells)
     assert re.fullmatch(rf"{re.escape(path.name)}: ok, {code_cells} code cells in \d+ s\n", printed), printed
