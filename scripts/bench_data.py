@@ -38,6 +38,7 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dinov2_hf.data import open_rgb  # noqa: E402
+from dinov2_hf.data.sources import open_for_crops  # noqa: E402
 from dinov2_hf.data.transforms import BatchedPhotometric, MultiCropGeometry, MultiCropSettings, random_resized_crop_box  # noqa: E402
 from dinov2_hf.modeling.processor import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
@@ -131,14 +132,7 @@ class OursDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         if not self.draft:
             return self.geometry(open_rgb(self.images[index]))
-        plans = []  # as MultiCropStream does: boxes drawn from the header's size, then a reduced decoding
-
-        def draft(width: int, height: int) -> int:
-            plans.append(self.geometry.plan(width, height))
-            return plans[0].reduction
-
-        image = open_rgb(self.images[index], draft=draft)
-        return self.geometry(image, plans[0])
+        return self.geometry(*open_for_crops(self.images[index], self.geometry))  # as MultiCropStream decodes
 
 
 class BaselineDataset(torch.utils.data.Dataset):

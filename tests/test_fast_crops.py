@@ -46,11 +46,6 @@ def former_draws(width, height, settings, rng):
     return draws
 
 
-def crops_of(geometry, image, plan=None) -> torch.Tensor:
-    out = geometry(image, plan)
-    return out["global_crops"], out["local_crops"]
-
-
 def test_plan_draws_the_former_boxes_and_flips_in_the_same_order():
     settings = MultiCropSettings()
     geometry, rng = MultiCropGeometry(settings, seed=3), random.Random(3)
@@ -90,7 +85,7 @@ def test_torch_crops_match_pil_crops():
         MultiCropGeometry(settings, resize="opencv")
 
 
-def test_open_rgb_draft_reduces_jpegs_only_and_sees_the_upright_size(tmp_path):
+def test_open_rgb_draft_reduces_jpegs_only_and_sees_the_upright_size():
     data = sample_jpegs((800, 600))[0]
     seen = []
     image = open_rgb(data, draft=lambda w, h: seen.append((w, h)) or 4)
@@ -137,7 +132,7 @@ def test_draft_decoding_never_crops_below_the_output_size_and_keeps_the_colours(
     assert ((reduced.std(1) - full.std(1)).abs() < 0.02 * full.std(1)).all()  # measured: under 0.2%
 
 
-def test_stream_decodes_reduced_with_the_seeded_plan(tmp_path):
+def test_stream_decodes_reduced_with_the_seeded_plan():
     """MultiCropStream draws each row's plan from its seed before decoding: the same crops as the geometry
     applied by hand to the reduced decoding."""
     from dinov2_hf.data.sources import MultiCropStream, example_seed

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import PIL.Image
 import torch
 from datasets import Image as ImageFeature
 from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 
 from .decode import MAX_IMAGE_PIXELS, ImageDecodeError, open_rgb
+from .transforms import CropPlan
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -206,6 +208,23 @@ def image_source(value):
     return value
 
 
+def open_for_crops(source, transform, max_pixels: int | None = None) -> tuple[PIL.Image.Image, CropPlan | None]:
+    """Decode ``source`` for ``transform``. For a :class:`MultiCropGeometry` its crops are drawn from the header's
+    size first (``transform.plan``, the same RNG draws as cropping the decoded image), so that a JPEG much larger
+    than every crop decodes reduced (``open_rgb``'s ``draft``); returns the image and that plan (None for other
+    transforms, which get the full image)."""
+    if not hasattr(transform, "plan"):
+        return open_rgb(source, max_pixels=max_pixels), None
+    plan = None
+
+    def draft(width: int, height: int) -> int:
+        nonlocal plan
+        plan = transform.plan(width, height)
+        return plan.reduction
+
+    return open_rgb(source, max_pixels=max_pixels, draft=draft), plan
+
+
 def example_seed(seed: int, worker: int, row: int) -> int:
     """The crop seed of row ``row`` (1-based) of DataLoader worker ``worker``'s stream in a pass seeded ``seed``."""
     return (seed << 48) + (worker << 40) + row
@@ -249,23 +268,13 @@ class MultiCropStream(torch.utils.data.IterableDataset):
         worker = info.id if info is not None else 0
         skip = self.skip_rows[worker] if worker < len(self.skip_rows) else 0
         pending, skipped, row = None, 0, 0
-        plans = hasattr(self.transform, "plan")
         for row, example in enumerate(self.stream, start=1):
             if row <= skip:
                 continue  # consumed before a resume: read, not decoded
             if self.seed is not None:
                 self.transform.rng.seed(example_seed(self.seed, worker, row))
-            plan = []
-
-            def draft(width: int, height: int, plan: list = plan) -> int:
-                plan.append(self.transform.plan(width, height))
-                return plan[0].reduction
-
             try:
-                # Crops drawn from the header's size (``transform.plan``), so that a JPEG much larger than every
-                # crop decodes reduced; other transforms get the full image.
-                extra = {"draft": draft} if plans else {}
-                image = open_rgb(image_source(example[self.image_column]), max_pixels=self.max_pixels, **extra)
+                image, plan = open_for_crops(image_source(example[self.image_column]), self.transform, self.max_pixels)
             except ImageDecodeError:
                 skipped += 1
                 continue
@@ -273,7 +282,7 @@ class MultiCropStream(torch.utils.data.IterableDataset):
                 pending["skipped"], pending["rows"] = skipped, row - 1
                 skipped = 0
                 yield pending
-            pending = self.transform(image, plan[0]) if plan else self.transform(image)
+            pending = self.transform(image, plan) if plan is not None else self.transform(image)
             pending["worker"] = worker
             if self.label_column is not None:
                 pending["labels"] = example[self.label_column]

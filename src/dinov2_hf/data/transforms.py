@@ -6,7 +6,7 @@
    returned as uint8 tensors.
    Decoding is the caller's (:func:`dinov2_hf.data.open_rgb`); the boxes can be drawn from the image
    size before decoding (:meth:`MultiCropGeometry.plan`), so that a JPEG much larger than every crop
-   is decoded reduced (``open_rgb``'s ``draft``, as :class:`~dinov2_hf.data.sources.MultiCropStream` does).
+   is decoded reduced (:func:`~dinov2_hf.data.sources.open_for_crops`, as ``MultiCropStream`` does).
 2. :class:`BatchedPhotometric` (on the training device, per batch): color jitter (brightness 0.4,
    contrast 0.4, saturation 0.2, hue 0.1, random order, p=0.8), grayscale (p=0.2), Gaussian blur
    (kernel 9, sigma 0.1-2), solarize (threshold 128/255, global crop 2 only, p=0.2) and ImageNet
@@ -111,8 +111,9 @@ class MultiCropGeometry:
     ``resize`` (default: the settings' ``resize``, ``"pil"``): ``"pil"`` does one ``Image.resize(box=...)`` per
     crop; ``"torch"`` converts the decoded image to a tensor once and resizes every crop box with torch's uint8
     antialiased bicubic interpolation (PIL's filter, about 3x faster). Both draw the same boxes and flips from
-    ``rng`` in the same order (per crop: box, then flip). ``plan`` draws them from the image size alone, so that a JPEG can be
-    decoded reduced (:func:`dinov2_hf.data.open_rgb`'s ``draft``) when every crop is much smaller than it.
+    ``rng`` in the same order (per crop: box, then flip). ``plan`` draws them from the image size alone, so that
+    a JPEG can be decoded reduced (:func:`dinov2_hf.data.sources.open_for_crops`) when every crop is much smaller
+    than it.
     """
 
     def __init__(
@@ -180,7 +181,7 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2
 def _grayscale(images: torch.Tensor) -> torch.Tensor:
     """ITU-R 601-2 luma, (B, 1, H, W), as torchvision's rgb_to_grayscale."""
     r, g, b = images.unbind(dim=1)
-    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
 
 
 def _per_image(values: torch.Tensor) -> torch.Tensor:
