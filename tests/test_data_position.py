@@ -56,6 +56,7 @@ def write_shards(cifar_dir, folder, sizes=(16, 56, 8), corrupt=(3, 20, 50)):
     return folder
 
 
+@pytest.mark.slow
 def test_skipped_rows_are_not_decoded_and_the_rest_is_unchanged(cifar_dir, tmp_path, monkeypatch):
     from dinov2_hf.data import sources
     from dinov2_hf.data.sources import DataSettings, MultiCropStream, load_image_stream
@@ -86,6 +87,7 @@ def test_skipped_rows_are_not_decoded_and_the_rest_is_unchanged(cifar_dir, tmp_p
         assert (a["labels"], a["rows"], a["skipped"]) == (b["labels"], b["rows"], b["skipped"])
 
 
+@pytest.mark.slow
 def test_resume_with_two_workers_continues_the_trajectory(cifar_dir, tmp_path):
     """Two DataLoader workers over three uneven shards with bad images (a pass is 8 batches, one worker runs out
     first): runs stopped in the first (step 5) and in the second pass (step 11) resume onto the uninterrupted

@@ -4,6 +4,7 @@ a small stock transformers backbone without heads, which ``distill.teacher=`` di
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from dinov2_hf.modeling.loading import load_backbone
@@ -48,6 +49,7 @@ def test_a_student_learns_the_fixture_teachers_features(cifar_dir, tmp_path):
     assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5, losses  # cosine distance: 1 at the start
 
 
+@pytest.mark.slow
 def test_distilled_students_beat_the_same_student_trained_from_scratch(cifar_dir, tmp_path):
     """Issue 17's acceptance at test scale (scripts/bench_distill.py measures it at CPU budget, 3 seeds): the same
     student (patch 8 here, the teacher's grid: 4x cheaper than patch 4), from the same initial weights, with the same

@@ -22,6 +22,10 @@ FSDP_CONFIG = ROOT / "examples" / "accelerate" / "fsdp2.yaml"
 DDP_CONFIG = ROOT / "examples" / "accelerate" / "ddp.yaml"
 
 
+# Slow; conftest's scheduler runs the whole module on one worker (its module-scoped fixture starts processes).
+pytestmark = pytest.mark.slow
+
+
 def launch(data: Path, output: Path, max_steps: int, config_file: Path, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     launcher = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
     command = [

@@ -119,6 +119,7 @@ def cifar_images(cifar_dir, name, n):
     return list(itertools.islice(labelled_images(stream, "image", "label", {"skipped": 0}), n))
 
 
+@pytest.mark.slow
 def test_probes_rank_a_briefly_trained_backbone_above_random_init(cifar_dir):
     """Stand-in for a briefly SSL-trained backbone: 250 supervised steps on 2,000 CIFAR training images.
 

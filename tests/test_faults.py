@@ -230,6 +230,7 @@ def test_a_finished_run_rerun_does_nothing_and_says_where_its_results_are(stoppe
 SIGNALS = {"SIGTERM to the launcher": 143, "Ctrl-C to the process group": 130, "the launcher killed": -signal.SIGKILL}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", list(SIGNALS))
 def test_a_signal_to_accelerate_launch_checkpoints_and_returns_after_it(how, cifar_dir, tmp_path):
     data = trainer_tests.write_cifar_subset(cifar_dir, tmp_path / "data", rows=64)

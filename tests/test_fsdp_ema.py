@@ -3,6 +3,7 @@
 import os
 import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -45,6 +46,7 @@ def _worker(rank: int, init_file: str, results: dict) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ema_on_fsdp2_shards_equals_unsharded():
     reference = tiny_arch()
     reference.update_teacher(0.7)

@@ -93,6 +93,7 @@ def test_backbone_feature_maps(tiny_kwargs):
     assert backbone.channels == [64, 64]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", ["eager", "flex_attention"])
 def test_attention_backends_agree_with_sdpa(tiny_kwargs, implementation):
     config = Dinov2HFConfig(**tiny_kwargs)

@@ -60,6 +60,7 @@ def test_the_notebooks_are_there():
     assert names[:4] == list(EXPECTED), names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_notebook_runs_top_to_bottom(path, tmp_path, capsys, monkeypatch):
     import nbformat

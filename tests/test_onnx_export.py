@@ -193,6 +193,7 @@ def readme_onnx_commands() -> list[tuple[str, list[str]]]:
     return commands
 
 
+@pytest.mark.slow
 def test_readme_onnx_command_runs_as_shown(tmp_path):
     executable = shutil.which("dinov2-hf") or str(Path(sys.executable).parent / "dinov2-hf")
     assert Path(executable).exists(), "the dinov2-hf console script is not installed (pip install -e .)"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from dinov2_hf.data.decode import open_rgb
 from dinov2_hf.data.sources import DataSettings, builtin_digits, load_image_stream
@@ -30,6 +31,7 @@ def test_builtin_digits_source(tmp_path):
     assert np.corrcoef(small.ravel(), digits.images[0].ravel())[0, 1] > 0.9
 
 
+@pytest.mark.slow
 def test_train_py_without_arguments_runs_the_quickstart(tmp_path):
     """README's main job, `accelerate launch train.py`, shortened to 6 steps."""
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home")}

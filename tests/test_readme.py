@@ -43,6 +43,7 @@ def readme_cli_commands() -> list[tuple[str, list[str]]]:
     return commands
 
 
+@pytest.mark.slow
 def test_readme_cli_commands_run_as_shown(tmp_path, cifar_dir, monkeypatch, capsys):
     """The first command runs through the installed console script; the rest call the same ``main`` in this
     process (a process start imports torch and transformers, about 8 s of CPU each)."""
@@ -93,6 +94,7 @@ def test_cli_errors_are_clear(tmp_path, monkeypatch, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_example_feature_extraction_runs():
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "feature_extraction.py")], capture_output=True,
                             text=True, timeout=300)

@@ -261,18 +261,19 @@ def test_flip_probability_zero_never_flips_and_keeps_the_crop_stream():
 # -- the shipped small-data recipes do not collapse ---------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["quickstart", "cifar10_cpu"])
 def test_small_data_recipes_do_not_flat_collapse(recipe, cifar_dir, tmp_path):
-    """The first 40 steps of each recipe as shipped (its own schedules; ``train.stop_at_step``): from step 25 on the
-    teacher's targets are far from uniform (normalised entropy <= 0.95, the issue's bound; about 0.88 at step 40
-    on the digits, 0.68 on CIFAR-10; the official settings stay above 0.98) and spread over the prototypes
-    (batch entropy >= 0.9: no one-prototype collapse)."""
-    overrides = [f"train.output_dir={tmp_path / 'run'}", "train.stop_at_step=40", "monitor.every=0", "train.num_workers=0"]
+    """The first 20 steps of each recipe as shipped (its own schedules; ``train.stop_at_step``): from step 10 on the
+    teacher's targets are far from uniform (normalised entropy <= 0.95, the issue's bound; measured 0.92 -> 0.90 over
+    steps 10-19 on the digits, 0.89 -> 0.80 on CIFAR-10, falling further after; the official settings stay above
+    0.98) and spread over the prototypes (batch entropy >= 0.9: no one-prototype collapse)."""
+    overrides = [f"train.output_dir={tmp_path / 'run'}", "train.stop_at_step=20", "monitor.every=0", "train.num_workers=0"]
     if recipe == "cifar10_cpu":
         overrides.append(f"data.source={write_cifar_subset(cifar_dir, tmp_path / 'data', rows=1000)}")
     history = Trainer(load_train_config(recipe, overrides)).train().history
-    assert len(history) == 40
-    late = history[25:]
+    assert len(history) == 20
+    late = history[10:]
     assert max(r["teacher_entropy"] for r in late) <= 0.95, [round(r["teacher_entropy"], 3) for r in history]
     assert min(r["teacher_batch_entropy"] for r in late) >= 0.9
     assert not any(r["collapse"] for r in late)

@@ -63,6 +63,7 @@ Trainer(load_train_config("cifar10", overrides)).train()
 """
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_the_trajectory(cifar_dir, tmp_path):
     """SIGKILL while checkpoint 6 is being written: no handler runs, a half-written temporary folder is left.
     The rerun resumes from checkpoint 3, ignores (and removes) the leftover, and continues the uninterrupted
@@ -176,6 +177,7 @@ def test_bad_config_fails_before_any_work(tmp_path):
     assert load_train_config("cifar10", ["model.layerscale_value=1e-5"]).model.layerscale_value == 1e-5
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(cifar_dir, tmp_path):
     import signal
     import subprocess
