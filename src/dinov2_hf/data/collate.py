@@ -41,20 +41,37 @@ class MultiCropCollator:
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = self.stack(samples)
-        batch.update(self.masks(len(batch["global_crops"])))
+        batch.update(self.masks(self.global_crop_count(batch)))
         return batch
 
     @staticmethod
+    def global_crop_count(batch: dict) -> int:
+        """Global crops in a stacked batch: cut already, or two per image still to cut (``crops.resize=device``)."""
+        return len(batch["global_crops"]) if "global_crops" in batch else 2 * len(batch["images"])
+
+    @staticmethod
     def stack(samples: list[dict]) -> dict:
-        """Crops (crop-major), labels, skipped-image counts and stream positions (``worker``, ``rows``); no masks."""
+        """Crops (crop-major), labels, skipped-image counts and stream positions (``worker``, ``rows``); no masks.
+
+        Samples of ``crops.resize=device`` give ``images`` (B, 3, H, W) and ``crop_boxes`` (B, n, 6) instead of
+        crops (:func:`~dinov2_hf.data.transforms.crops_from_boxes` cuts them on the device)."""
         if not samples:
             raise ValueError("Cannot collate an empty batch.")
-        n_global, n_local = len(samples[0]["global_crops"]), len(samples[0]["local_crops"])
-        global_crops = torch.stack([s["global_crops"][i] for i in range(n_global) for s in samples])
-        local_crops = (
-            torch.stack([s["local_crops"][i] for i in range(n_local) for s in samples]) if n_local else global_crops[:0]
-        )
-        batch = {"global_crops": global_crops, "local_crops": local_crops}
+        if "image" in samples[0]:
+            shapes = {tuple(s["image"].shape[1:]) for s in samples}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"crops.resize=device stacks the decoded images, which must all have one size; this batch has "
+                    f"{sorted(shapes)} (height, width). Use crops.resize=torch (or pil) for images of mixed sizes."
+                )
+            batch = {"images": torch.stack([s["image"] for s in samples]), "crop_boxes": torch.stack([s["crop_boxes"] for s in samples])}
+        else:
+            n_global, n_local = len(samples[0]["global_crops"]), len(samples[0]["local_crops"])
+            global_crops = torch.stack([s["global_crops"][i] for i in range(n_global) for s in samples])
+            local_crops = (
+                torch.stack([s["local_crops"][i] for i in range(n_local) for s in samples]) if n_local else global_crops[:0]
+            )
+            batch = {"global_crops": global_crops, "local_crops": local_crops}
         for key in ("labels", "skipped", "worker", "rows"):
             if key in samples[0]:
                 batch[key] = torch.tensor([s[key] for s in samples])

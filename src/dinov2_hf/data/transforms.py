@@ -3,7 +3,8 @@
 1. :class:`MultiCropGeometry` (CPU, in DataLoader workers, per image): 2 global and N local
    RandomResizedCrops (bicubic, aspect ratio 3/4-4/3) with random horizontal flips, each crop box one
    bicubic resize (PIL's, or torch's antialiased one on the image as one uint8 tensor: ``crops.resize``),
-   returned as uint8 tensors.
+   returned as uint8 tensors; or, with ``crops.resize=device``, only the boxes, the decoded image being cropped
+   on the training device with the rest of its batch (:func:`crops_from_boxes`).
    Decoding is the caller's (:func:`dinov2_hf.data.open_rgb`); the boxes can be drawn from the image
    size before decoding (:meth:`MultiCropGeometry.plan`), so that a JPEG much larger than every crop
    is decoded reduced (:func:`~dinov2_hf.data.sources.open_for_crops`, as ``MultiCropStream`` does).
@@ -54,8 +55,10 @@ class MultiCropSettings:
     blur_reference_size: int = 0
     # How each crop box is resized (MultiCropGeometry): ``pil``, one PIL bicubic resize per crop (the recipes'
     # measured figures), or ``torch``, the image as one uint8 tensor and torch's antialiased bicubic per crop
-    # (about 2.5x faster on the CPU side, scripts/bench_data.py; the same boxes, pixels within a few levels).
-    resize: Literal["pil", "torch"] = "pil"
+    # (about 2.5x faster on the CPU side, scripts/bench_data.py; the same boxes, pixels within a few levels), or
+    # ``device``, for small images of one size (CIFAR-scale): workers only decode and draw the boxes, and the batch
+    # is cropped on the training device in two bicubic sampling calls (no antialiasing: boxes about the crop size).
+    resize: Literal["pil", "torch", "device"] = "pil"
 
 
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], rng: random.Random) -> tuple[int, int, int, int]:
@@ -110,19 +113,20 @@ class MultiCropGeometry:
 
     ``resize`` (default: the settings' ``resize``, ``"pil"``): ``"pil"`` does one ``Image.resize(box=...)`` per
     crop; ``"torch"`` converts the decoded image to a tensor once and resizes every crop box with torch's uint8
-    antialiased bicubic interpolation (PIL's filter, about 3x faster). Both draw the same boxes and flips from
+    antialiased bicubic interpolation (PIL's filter, about 3x faster); ``"device"`` returns the decoded image as
+    a uint8 tensor and its ``crop_boxes`` for :func:`crops_from_boxes`. All draw the same boxes and flips from
     ``rng`` in the same order (per crop: box, then flip). ``plan`` draws them from the image size alone, so that
     a JPEG can be decoded reduced (:func:`dinov2_hf.data.sources.open_for_crops`) when every crop is much smaller
     than it.
     """
 
     def __init__(
-        self, settings: MultiCropSettings | None = None, seed: int | None = None, resize: Literal["torch", "pil"] | None = None
+        self, settings: MultiCropSettings | None = None, seed: int | None = None, resize: Literal["pil", "torch", "device"] | None = None
     ) -> None:
         self.settings = settings if settings is not None else MultiCropSettings()
         resize = resize if resize is not None else self.settings.resize
-        if resize not in ("torch", "pil"):
-            raise ValueError(f"resize={resize!r}: choose 'torch' or 'pil'.")
+        if resize not in ("pil", "torch", "device"):
+            raise ValueError(f"resize={resize!r}: choose 'pil', 'torch' or 'device'.")
         self.rng = random.Random(seed)
         self.resize = resize
 
@@ -148,6 +152,11 @@ class MultiCropGeometry:
         if plan is None:
             plan = self.plan(image.width, image.height)
         boxes = plan.boxes(image.width, image.height)
+        if self.resize == "device":
+            # One row per crop, global crops first: output size, box in the decoded image's pixels, flip.
+            rows = [(size, *box, float(flip)) for (size, _, flip), box in zip(plan.crops, boxes)]
+            pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+            return {"image": pixels, "crop_boxes": torch.tensor(rows, dtype=torch.float32)}
         if self.resize == "pil":
             crops = [self._pil_crop(image, size, box, flip) for (size, _, flip), box in zip(plan.crops, boxes)]
         else:
@@ -170,6 +179,37 @@ class MultiCropGeometry:
         if flip:
             crop = crop.flip(-1)
         return crop.contiguous()
+
+
+def crops_from_boxes(images: torch.Tensor, crop_boxes: torch.Tensor, n_global: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut a batch's crops where its images are (``crops.resize=device``): ``images`` (B, 3, H, W) uint8, the
+    decoded images of one size; ``crop_boxes`` (B, n, 6), ``MultiCropGeometry``'s rows (output size, left, top,
+    right, bottom, flip), global crops first. Returns the global (n_global B, 3, S, S) and local crops, crop-major
+    as ``MultiCropCollator.stack``, float in [0, 1].
+
+    One bicubic ``grid_sample`` per crop size: each output pixel centre is mapped into its box (align_corners=False,
+    as ``F.interpolate``; a flip negates the x scale); borders clamp. Sampling does not antialias, so it suits
+    boxes about the size of their crop (CIFAR-scale images), not large images cropped far down.
+    """
+    batch, _, height, width = images.shape
+    image = images.float().div_(255)
+    sizes = crop_boxes[0, :, 0].tolist()  # from the CPU copy when there is one: no device synchronisation
+
+    def sample(rows: slice) -> torch.Tensor:
+        boxes = crop_boxes[:, rows].transpose(0, 1).reshape(-1, 6).to(images.device)  # crop-major
+        size = int(sizes[rows][0])
+        _, left, top, right, bottom, flip = boxes.unbind(1)
+        # Normalised coordinates: -1 and 1 are the image's outer edges; the box's edges map to the output's edges.
+        centres = ((torch.arange(size, device=images.device, dtype=image.dtype) + 0.5) / size * 2 - 1).view(1, 1, -1)
+        x = centres * ((right - left) / width * (1 - 2 * flip)).view(-1, 1, 1) + ((left + right) / width - 1).view(-1, 1, 1)
+        y = centres.transpose(1, 2) * ((bottom - top) / height).view(-1, 1, 1) + ((top + bottom) / height - 1).view(-1, 1, 1)
+        grid = torch.stack(torch.broadcast_tensors(x, y), dim=-1)  # (n B, S, S, 2), x then y
+        source = image.repeat(len(boxes) // batch, 1, 1, 1)  # crop-major: image b at rows b, B + b, ...
+        return F.grid_sample(source, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
+
+    global_crops = sample(slice(0, n_global))
+    local_crops = sample(slice(n_global, None)) if crop_boxes.shape[1] > n_global else global_crops[:0]
+    return global_crops, local_crops
 
 
 # -- batched photometric operations (float images in [0, 1], shape (B, 3, H, W)) ------------------

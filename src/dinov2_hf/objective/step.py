@@ -7,7 +7,7 @@ from collections.abc import Callable, Collection
 
 import torch
 
-from ..data.transforms import BatchedPhotometric
+from ..data.transforms import BatchedPhotometric, crops_from_boxes
 from .meta_arch import SSLMetaArch
 from .param_groups import apply_schedules
 from .schedules import Schedules
@@ -16,8 +16,12 @@ from .schedules import Schedules
 def augment_batch(
     batch: dict, photometric: BatchedPhotometric, device: torch.device | str, generator: torch.Generator | None = None
 ) -> dict:
-    """Move a collated batch to ``device`` and run the photometric augmentations there."""
+    """Move a collated batch to ``device`` and run the photometric augmentations there (after cutting the crops,
+    for a batch of decoded images and their boxes: ``crops.resize=device``)."""
+    crop_boxes = batch.pop("crop_boxes", None)  # stays on the host: crops_from_boxes reads the sizes from it
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if crop_boxes is not None:
+        batch["global_crops"], batch["local_crops"] = crops_from_boxes(batch.pop("images"), crop_boxes)
     batch["global_crops"] = photometric.global_crops(batch["global_crops"], generator)
     batch["local_crops"] = photometric.local_crops(batch["local_crops"], generator)
     return batch

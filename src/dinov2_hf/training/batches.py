@@ -83,6 +83,6 @@ class Batches:
         """Masks and photometric augmentation on the device, both seeded by (seed, step, micro-batch, rank)."""
         accumulation = self.config.train.gradient_accumulation_steps
         seed = self.seed(STEP_STREAM, step * accumulation + micro_batch)
-        batch.update(collator.masks(len(batch["global_crops"]), random.Random(seed)))
+        batch.update(collator.masks(collator.global_crop_count(batch), random.Random(seed)))
         generator = torch.Generator(device=self.accelerator.device).manual_seed(seed)
         return augment_batch(batch, self.photometric, self.accelerator.device, generator)
