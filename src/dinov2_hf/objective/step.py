@@ -18,8 +18,8 @@ def augment_batch(
 ) -> dict:
     """Move a collated batch to ``device`` and run the photometric augmentations there (after cutting the crops,
     for a batch of decoded images and their boxes: ``crops.resize=device``)."""
-    crop_boxes = batch.pop("crop_boxes", None)  # stays on the host: crops_from_boxes reads the sizes from it
-    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    crop_boxes = batch.get("crop_boxes")  # stays on the host: crops_from_boxes reads the sizes from it
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items() if k != "crop_boxes"}
     if crop_boxes is not None:
         batch["global_crops"], batch["local_crops"] = crops_from_boxes(batch.pop("images"), crop_boxes)
     batch["global_crops"] = photometric.global_crops(batch["global_crops"], generator)
