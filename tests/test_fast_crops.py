@@ -276,11 +276,20 @@ def test_device_crops_match_torch_crops_and_keep_the_augmented_colour_statistics
     torch.testing.assert_close(outputs["device"].std(1), outputs["torch"].std(1), rtol=0, atol=0.01)
 
 
-def test_device_crops_need_images_of_one_size():
+def test_device_crops_need_images_of_one_size_and_decode_jpegs_whole():
+    from dinov2_hf.data.sources import open_for_crops
+
     geometry = MultiCropGeometry(MultiCropSettings(global_crops_size=32, local_crops_size=16), seed=0, resize="device")
     samples = [geometry(Image.new("RGB", size)) for size in ((32, 32), (40, 30))]
     with pytest.raises(ValueError, match=r"one size.*crops.resize=torch"):
         MultiCropCollator.stack(samples)
+    # A 500x375 JPEG with 32-px crops: the torch path decodes it reduced, device crops whole (one size per batch).
+    data = sample_jpegs()[0]
+    torch_geometry = MultiCropGeometry(MultiCropSettings(global_crops_size=32, local_crops_size=16), seed=0, resize="torch")
+    assert open_for_crops(data, torch_geometry)[0].size != (500, 375)
+    image, plan = open_for_crops(data, geometry)
+    assert image.size == (500, 375) and plan.reduction == 1
+    assert geometry(image, plan)["image"].shape == (3, 375, 500)
 
 
 def test_a_run_with_device_crops_trains_and_resumes_exactly(cifar_dir, tmp_path):

@@ -141,9 +141,10 @@ class MultiCropGeometry:
                 box = random_resized_crop_box(width, height, scale, self.rng)
                 flip = self.rng.random() < s.flip_probability  # (drawn whatever the probability: same RNG stream)
                 crops.append((size, box, flip))
-        # The largest reduction that keeps every box at least its output size on both sides.
+        # The largest reduction that keeps every box at least its output size on both sides; none for device
+        # crops, whose batch stacks the decoded images (a reduction per image would give images of several sizes).
         room = min(min(box[2] - box[0], box[3] - box[1]) / size for size, box, _ in crops)
-        reduction = next((f for f in (8, 4, 2) if room >= f), 1)
+        reduction = next((f for f in (8, 4, 2) if room >= f), 1) if self.resize != "device" else 1
         return CropPlan(width, height, crops, reduction)
 
     def __call__(self, image: Image.Image, plan: CropPlan | None = None) -> dict[str, list[torch.Tensor]]:
