@@ -18,6 +18,7 @@ from dinov2_hf.data.transforms import (
     MultiCropGeometry,
     MultiCropSettings,
     adjust_hue,
+    crops_from_boxes,
     random_resized_crop_box,
 )
 
@@ -247,8 +248,6 @@ def test_device_crops_match_torch_crops_and_keep_the_augmented_colour_statistics
     """On 64 CIFAR-10 images (32/16-px crops, boxes about the crop size): the same boxes and flips as the torch
     path; each crop within about a level (bicubic sampling vs torch's antialiased bicubic); after the photometric
     part, per-channel mean and std within 0.01 of the torch path's (same seeds)."""
-    from dinov2_hf.data.transforms import crops_from_boxes
-
     settings = MultiCropSettings(global_crops_size=32, local_crops_size=16, local_crops_number=8)
     images = cifar_images(cifar_dir, 64)
     torch_geometry = MultiCropGeometry(settings, seed=0, resize="torch")
@@ -292,16 +291,21 @@ def test_device_crops_need_images_of_one_size_and_decode_jpegs_whole():
     assert geometry(image, plan)["image"].shape == (3, 375, 500)
 
 
-def test_a_run_with_device_crops_trains_and_resumes_exactly(cifar_dir, tmp_path):
-    """The trainer with ``crops.resize=device``: finite losses, and a run stopped at step 2 and resumed follows
-    the uninterrupted one (the boxes come from the same seeded stream as every other path's crops)."""
+def test_a_run_with_device_crops_trains_and_resumes_exactly(cifar_dir, tmp_path, monkeypatch):
+    """The trainer with ``crops.resize=device``: its steps cut their crops from boxes, finite losses, and a run
+    stopped at step 2 and resumed follows the uninterrupted one (the boxes come from the same seeded stream as every
+    other path's crops)."""
     from test_trainer import tiny_config, write_cifar_subset
 
+    from dinov2_hf.objective import step
     from dinov2_hf.training.trainer import Trainer
 
+    cut = []
+    monkeypatch.setattr(step, "crops_from_boxes", lambda *args: cut.append(args[0].shape) or crops_from_boxes(*args))
     data = write_cifar_subset(cifar_dir, tmp_path / "data", rows=64)
     extra = ("crops.resize=device", "crops.global_crops_size=32", "crops.local_crops_size=16")
     whole = Trainer(tiny_config(data, tmp_path / "whole", extra, max_steps=4)).train().history
+    assert cut == [(16, 3, 32, 32)] * 4  # one batch of 16 decoded CIFAR images per step
     assert len(whole) == 4 and all(math.isfinite(r["loss"]) for r in whole)
     Trainer(tiny_config(data, tmp_path / "parts", extra, max_steps=4, stop_at_step=2)).train()
     resumed = Trainer(tiny_config(data, tmp_path / "parts", extra, max_steps=4)).train().history

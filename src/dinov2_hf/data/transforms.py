@@ -153,16 +153,15 @@ class MultiCropGeometry:
         if plan is None:
             plan = self.plan(image.width, image.height)
         boxes = plan.boxes(image.width, image.height)
+        if self.resize == "pil":
+            crops = [self._pil_crop(image, size, box, flip) for (size, _, flip), box in zip(plan.crops, boxes)]
+            return {"global_crops": crops[:2], "local_crops": crops[2:]}
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W), a channels-last view
         if self.resize == "device":
             # One row per crop, global crops first: output size, box in the decoded image's pixels, flip.
             rows = [(size, *box, float(flip)) for (size, _, flip), box in zip(plan.crops, boxes)]
-            pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-            return {"image": pixels, "crop_boxes": torch.tensor(rows, dtype=torch.float32)}
-        if self.resize == "pil":
-            crops = [self._pil_crop(image, size, box, flip) for (size, _, flip), box in zip(plan.crops, boxes)]
-        else:
-            pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)  # channels-last view
-            crops = [self._torch_crop(pixels, size, box, flip) for (size, _, flip), box in zip(plan.crops, boxes)]
+            return {"image": pixels.contiguous(), "crop_boxes": torch.tensor(rows, dtype=torch.float32)}
+        crops = [self._torch_crop(pixels[None], size, box, flip) for (size, _, flip), box in zip(plan.crops, boxes)]
         return {"global_crops": crops[:2], "local_crops": crops[2:]}
 
     @staticmethod
